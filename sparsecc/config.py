@@ -1,0 +1,168 @@
+"""User-facing configuration: which parameters are trained (UpdateScheme) and how the backend runs (Config).
+
+Everything here is a frozen dataclass validated at construction; errors name the bad key and suggest
+the nearest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Mapping, Union
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A malformed scheme or option. Raised before anything is compiled or modified."""
+
+
+def _closest(word: str, candidates, n: int = 3) -> str:
+    """' Did you mean: a, b?' for the candidates closest to word, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.4)
+    return f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+@dataclass(frozen=True)
+class Channels:
+    """Train only k = ceil(fraction * C) channels of a weight.
+
+    dim="in" trains weight[:, sel] (input channels: dim 1 of a linear, conv or embedding weight),
+    dim="out" trains weight[sel] (dim 0). select="first" takes channels 0..k-1; select="magnitude"
+    takes the k channels of largest L2 norm, chosen once at compile time.
+    """
+
+    fraction: float
+    dim: str = "in"
+    select: str = "first"
+
+    def __post_init__(self):
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
+            raise ConfigError(f"Channels fraction must be a number in (0, 1], got {self.fraction!r}")
+        if not 0.0 < self.fraction <= 1.0 or math.isnan(self.fraction):
+            raise ConfigError(f"Channels fraction must be in (0, 1], got {self.fraction!r}")
+        if self.dim not in ("in", "out"):
+            raise ConfigError(f"Channels dim must be 'in' or 'out', got {self.dim!r}.{_closest(str(self.dim), ('in', 'out'))}")
+        if self.select not in ("first", "magnitude"):
+            raise ConfigError(
+                f"Channels select must be 'first' or 'magnitude', got {self.select!r}."
+                f"{_closest(str(self.select), ('first', 'magnitude'))}")
+
+    @property
+    def axis(self) -> int:
+        """The tensor dimension the channels live on."""
+        return 1 if self.dim == "in" else 0
+
+    def count(self, size: int) -> int:
+        """k = ceil(fraction * size), at least 1."""
+        return max(1, math.ceil(self.fraction * size - 1e-9))
+
+    def indices(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The selected channel indices (sorted), or None for the first-k slice."""
+        k = self.count(weight.shape[self.axis])
+        if self.select == "first":
+            return None
+        w = weight.detach().float().transpose(0, self.axis).reshape(weight.shape[self.axis], -1)
+        return torch.topk(w.norm(dim=1), k).indices.sort().values
+
+
+Rule = Union[str, Channels]  # "full" | "frozen" | Channels
+_WORD_RULES = ("full", "frozen")
+
+
+@dataclass(frozen=True)
+class UpdateScheme:
+    """Which parameters (or slices of them) are trained. The first matching fnmatch pattern wins;
+    parameters no pattern matches get `default`."""
+
+    rules: Mapping[str, Rule]
+    default: str = "frozen"
+
+    def __post_init__(self):
+        if not isinstance(self.rules, Mapping):
+            raise ConfigError(f"UpdateScheme rules must be a dict of pattern -> rule, got {type(self.rules).__name__}")
+        for pattern, rule in self.rules.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ConfigError(f"UpdateScheme pattern must be a non-empty string, got {pattern!r}")
+            if not (isinstance(rule, Channels) or rule in _WORD_RULES):
+                raise ConfigError(
+                    f"UpdateScheme rule for {pattern!r} must be 'full', 'frozen' or sparsecc.Channels(...), "
+                    f"got {rule!r}.{_closest(str(rule), _WORD_RULES)}")
+        if self.default not in _WORD_RULES:
+            raise ConfigError(f"UpdateScheme default must be 'full' or 'frozen', got {self.default!r}.{_closest(str(self.default), _WORD_RULES)}")
+        object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
+
+    @classmethod
+    def full(cls) -> "UpdateScheme":
+        """Train every parameter (plain full backprop)."""
+        return cls({}, default="full")
+
+    def rule_for(self, name: str) -> Rule:
+        for pattern, rule in self.rules.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return rule
+        return self.default
+
+    def resolve(self, params: Mapping[str, torch.Tensor], *, complete: bool = True) -> dict[str, Rule]:
+        """Map every parameter name to its rule, validating the scheme against the parameters.
+
+        complete=False is for a graph that may hold only some of the model's parameters (a graph break):
+        a pattern that matches none of them is then not an error.
+        """
+        names = list(params)
+        if complete:
+            for pattern in self.rules:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    raise ConfigError(f"UpdateScheme pattern {pattern!r} matches no parameter.{_closest(pattern, names)}")
+        resolved = {n: self.rule_for(n) for n in names}
+        for name, rule in resolved.items():
+            if isinstance(rule, Channels) and params[name].dim() < 2:
+                raise ConfigError(
+                    f"Channels rule on {name!r}: the parameter is {params[name].dim()}-D {tuple(params[name].shape)}; "
+                    f"Channels needs a weight with at least 2 dimensions (use 'full' for biases and norms)")
+        if complete and names and all(r == "frozen" for r in resolved.values()):
+            raise ConfigError(
+                f"UpdateScheme trains nothing: every one of the {len(names)} parameters is frozen. "
+                f"Add a rule such as {{'*.bias': 'full'}} or default='full'")
+        return resolved
+
+    def describe(self) -> str:
+        body = ", ".join(f"{p!r}: {r!r}" for p, r in self.rules.items())
+        return f"UpdateScheme({{{body}}}, default={self.default!r})"
+
+
+_EXECUTORS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every option the backend accepts (`options=` of torch.compile, or keywords of sparsecc.backend).
+
+    update: which parameters are trained; None trains everything, as plain autograd does.
+    executor: "inductor" compiles forward and backward with Inductor; "eager" runs the FX graphs
+        as they are (fast compiles, for debugging).
+    """
+
+    update: UpdateScheme | None = None
+    executor: str = "inductor"
+
+    def __post_init__(self):
+        if self.update is not None and not isinstance(self.update, UpdateScheme):
+            raise ConfigError(f"option 'update' must be a sparsecc.UpdateScheme, got {type(self.update).__name__}")
+        if self.executor not in _EXECUTORS:
+            raise ConfigError(f"option 'executor' must be one of {_EXECUTORS}, got {self.executor!r}.{_closest(str(self.executor), _EXECUTORS)}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object] | None) -> "Config":
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise ConfigError(f"unknown sparsecc option {key!r}; valid options are {valid}.{_closest(str(key), valid)}")
+        return cls(**options)
+
+    @property
+    def scheme(self) -> UpdateScheme:
+        return self.update if self.update is not None else UpdateScheme.full()

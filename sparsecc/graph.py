@@ -1,0 +1,91 @@
+"""Small FX helpers shared by the passes: naming parameters, building nodes with metadata, sizes."""
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+
+_SOURCE_PART = re.compile(r"\['([^']*)'\]|\.(\w+)")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def fqn_from_source(source_name: str) -> str:
+    """"L['self']._modules['fc1']._parameters['weight']" -> "fc1.weight" (the root local is dropped)."""
+    parts = [a or b for a, b in _SOURCE_PART.findall(source_name)]
+    return ".".join(p for p in parts[1:] if p not in _CONTAINERS)
+
+
+def dynamo_parameters(gm: fx.GraphModule, example_inputs) -> dict[int, tuple[str, torch.Tensor]]:
+    """Input index -> (parameter name, parameter) for the inputs of a Dynamo graph that are nn.Parameters."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {}
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        grapharg = node.meta.get("grapharg")
+        if isinstance(value, torch.nn.Parameter) and grapharg is not None:
+            found[i] = (fqn_from_source(grapharg.source.name), value)
+    return found
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A structural copy (node meta is copied shallowly, so fake values are shared, not duplicated)."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen   # how the flat inputs/outputs map to pytrees; never mutated
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    value, out_node = out
+    graph.output(value, type_expr=getattr(out_node, "type", None))
+    graph.output_node().meta = copy.copy(out_node.meta)
+    return fx.GraphModule(gm, graph)
+
+
+def val(arg):
+    """The fake value of a node argument (a Node's meta['val'], anything else as is)."""
+    return tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, arg)
+
+
+def call(graph: fx.Graph, target, args, pass_name: str, kwargs=None) -> fx.Node:
+    """Create call_function(target, args) with meta['val'] computed on fake tensors and provenance recorded."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, tuple(args), kwargs)
+    fake_args, fake_kwargs = val(tuple(args)), val(kwargs)
+    mode = detect_fake_mode(fake_args)
+    with mode:
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    node.meta["sparsecc_pass"] = pass_name
+    return node
+
+
+def nbytes(value) -> int:
+    """Bytes of a tensor (or of the tensors in a tuple); symbolic sizes are taken at their hint."""
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    numel = value.numel()
+    if not isinstance(numel, int):
+        numel = numel.node.hint if numel.node.has_hint() else 0
+    return int(numel) * value.element_size()
+
+
+def output_values(gm: fx.GraphModule) -> list:
+    """The flat list of the graph's outputs (Nodes or None)."""
+    return list(gm.graph.output_node().args[0])
+
+
+def set_output_values(gm: fx.GraphModule, values: list) -> None:
+    out = gm.graph.output_node()
+    out.args = (type(out.args[0])(values),)
+
+
+def tangent_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a tangent (the backward part of a joint graph)."""
+    deps: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if (node.op == "placeholder" and "tangents" in node.name) or any(a in deps for a in node.all_input_nodes):
+            deps.add(node)
+    return deps

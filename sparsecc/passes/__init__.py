@@ -1,0 +1,38 @@
+"""Graph passes over the joint forward+backward graph. Each is a pure function (GraphModule, Plan) -> PassResult
+that rewrites the graph in place and says what it changed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """One trainable input of the joint graph and the rule the scheme gives it."""
+
+    name: str
+    index: int                      # position among the joint graph's primals
+    rule: object                    # "full" | "frozen" | Channels
+    shape: tuple[int, ...]
+    indices: torch.Tensor | None = None   # Channels(select="magnitude"): the chosen channels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the passes need to know about one compilation."""
+
+    params: tuple[ParamPlan, ...]
+    num_fwd_outputs: int
+
+    def grad_position(self, p: ParamPlan) -> int:
+        """Where the gradient of p sits among the joint graph's flat outputs."""
+        return self.num_fwd_outputs + p.index
+
+
+@dataclass
+class PassResult:
+    name: str
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)      # what was done, per parameter
+    skipped: list[str] = field(default_factory=list)    # what could not be done, and why

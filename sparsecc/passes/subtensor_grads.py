@@ -1,0 +1,308 @@
+"""subtensor_grads: for a Channels rule, compute the weight gradient only for the selected channels.
+
+The gradient output g of the parameter is replaced by pad(select(g)), and the selection is pushed up
+through the backward graph by local rules (a table from aten op to a small function) until it reaches
+forward tensors. There it selects the *activation* before it is saved, so the forward keeps only the
+k selected channels alive for backward. Where no rule applies, the selection stays where it stopped:
+the result is still exact (the full gradient is computed and masked), and the report says where and why.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from ..config import Channels
+from ..graph import call, output_values, set_output_values, tangent_dependent, val
+from . import ParamPlan, PassResult, Plan
+from .dce import eliminate_dead_code
+
+aten, prims = torch.ops.aten, torch.ops.prims
+NAME = "subtensor_grads"
+
+
+@dataclass
+class _Selector:
+    """Emits select(x, dim) for one parameter's channel choice and pushes it up the graph."""
+
+    gm: fx.GraphModule
+    k: int
+    index: fx.Node | None              # get_attr of the chosen channel indices, or None for the first k
+    backward: set[fx.Node]
+    reached: list[str] = field(default_factory=list)   # forward tensors selected before being saved
+    sliced: list[str] = field(default_factory=list)    # contractions (GEMM, conv, scatter) now computing k channels
+    stops: list[str] = field(default_factory=list)     # where the selection could go no further
+
+    def emit_after(self, anchor: fx.Node, target, args, kwargs=None) -> fx.Node:
+        with self.gm.graph.inserting_after(anchor):
+            return call(self.gm.graph, target, args, NAME, kwargs)
+
+    def contraction(self, x: fx.Node, target, args, kwargs=None) -> fx.Node:
+        """Emit the k-channel version of the contraction x (a GEMM, convolution or scatter)."""
+        self.sliced.append(f"{x.name} ({x.target})")
+        return self.emit_after(x, target, args, kwargs)
+
+    def take(self, x: fx.Node, dim: int, after: fx.Node) -> fx.Node:
+        """The selection itself, placed right after `after`: a slice view, or an index_select copy."""
+        if self.index is None:
+            return self.emit_after(after, aten.slice.Tensor, (x, dim, 0, self.k))
+        if after.op == "placeholder":
+            after = self.index  # the index constant sits after the last graph input
+        return self.emit_after(after, aten.index_select.default, (x, dim, self.index))
+
+    def select(self, x: fx.Node, dim: int) -> fx.Node:
+        """A node equal to select(x, dim), computed as early in the graph as the rules allow."""
+        if x not in self.backward:
+            taken = self.take(x, dim, x)
+            if x.op == "placeholder" or self.index is not None:
+                return taken  # a graph input (resident anyway) or already a compact copy
+            self.reached.append(x.name)
+            return self.emit_after(taken, aten.clone.default, (taken,))  # save k channels, not a view of all
+        rule = RULES.get(x.target)
+        if rule is None:
+            return self.stop(x, dim, f"no slicing rule for {x.target}")
+        if len(x.users) > 1 and x.target not in VIEWS:
+            return self.stop(x, dim, f"{x.name} ({x.target}) is also used elsewhere")
+        out = rule(self, x, dim)
+        return out if out is not None else self.stop(x, dim, f"{x.target} cannot be sliced on dim {dim}")
+
+    def stop(self, x: fx.Node, dim: int, reason: str) -> fx.Node:
+        self.stops.append(reason)
+        return self.take(x, dim, x)
+
+
+def _shape(node) -> tuple:
+    return tuple(val(node).shape)
+
+
+def _static(*sizes) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+# ---- rules: (selector, node, dim) -> replacement node, or None for "no match" ---------------------------
+
+def _permute(s, x, d):
+    src, dims = x.args
+    j = dims[d] % len(dims)
+    return s.emit_after(x, x.target, (s.select(src, j), dims))
+
+
+def _transpose(s, x, d):
+    src, a, b = x.args
+    rank = len(_shape(x))
+    a, b = a % rank, b % rank
+    j = b if d == a else a if d == b else d
+    return s.emit_after(x, x.target, (s.select(src, j), a, b))
+
+
+def _t(s, x, d):
+    return s.emit_after(x, x.target, (s.select(x.args[0], 1 - d),))
+
+
+def _view(s, x, d):
+    """A reshape keeps dim d when some input dim j has the same size and the same number of elements before it."""
+    src = x.args[0]
+    out_shape, in_shape = _shape(x), _shape(src)
+    if not _static(*out_shape, *in_shape):
+        return None
+    before = _prod(out_shape[:d])
+    for j, size in enumerate(in_shape):
+        if size == out_shape[d] and _prod(in_shape[:j]) == before:
+            new_shape = list(out_shape)
+            new_shape[d] = s.k
+            return s.emit_after(x, x.target, (s.select(src, j), new_shape))
+    return None
+
+
+def _prod(sizes) -> int:
+    out = 1
+    for v in sizes:
+        out *= v
+    return out
+
+
+def _mm(s, x, d):
+    a, b = x.args
+    args = (s.select(a, 0), b) if d == 0 else (a, s.select(b, 1))
+    return s.contraction(x, x.target, args)
+
+
+def _bmm(s, x, d):
+    a, b = x.args
+    args = (s.select(a, d), b) if d in (0, 1) else (a, s.select(b, 2))
+    return s.contraction(x, x.target, args)
+
+
+def _sum(s, x, d):
+    src, dims = x.args[0], x.args[1]
+    keepdim = x.args[2] if len(x.args) > 2 else x.kwargs.get("keepdim", False)
+    rank = len(_shape(src))
+    reduced = sorted(r % rank for r in dims)
+    kept = [j for j in range(rank) if keepdim or j not in reduced]
+    j = kept[d]
+    if j in reduced:
+        return None
+    return s.emit_after(x, x.target, (s.select(src, j),) + tuple(x.args[1:]), x.kwargs)
+
+
+def _pointwise(s, x, d):
+    """Elementwise ops: select every tensor operand that is not broadcast along dim d."""
+    rank = len(_shape(x))
+    args = []
+    for a in x.args:
+        if isinstance(a, fx.Node) and isinstance(val(a), torch.Tensor):
+            shape = _shape(a)
+            j = d - (rank - len(shape))
+            a = s.select(a, j) if j >= 0 and shape[j] != 1 else a
+        args.append(a)
+    return s.emit_after(x, x.target, tuple(args), x.kwargs)
+
+
+def _full(s, x, d):
+    """A constant-filled tensor: the same constant, k channels wide."""
+    shape = list(x.args[0])
+    shape[d] = s.k
+    return s.emit_after(x, x.target, (shape,) + tuple(x.args[1:]), x.kwargs)
+
+
+def _slice_scatter(s, x, d):
+    base, src, dim = x.args[:3]
+    if dim % len(_shape(x)) == d:
+        return None
+    return s.emit_after(x, x.target, (s.select(base, d), s.select(src, d)) + tuple(x.args[2:]), x.kwargs)
+
+
+def _index_put_accumulate(s, x, d):
+    """Embedding backward as Inductor decomposes it: zeros.index_put_(indices, values, accumulate)."""
+    zeros, mask, indices, values = x.args
+    n_idx = len(indices)
+    if d < n_idx:
+        return None
+    if zeros.target is not aten.full.default:
+        return None
+    new_zeros = _full(s, zeros, d)
+    vd = len(_shape(values)) - (len(_shape(x)) - d)
+    new_values = s.select(values, vd)
+    mshape = _shape(mask)
+    md = len(mshape) - (len(_shape(values)) - vd)
+    new_mask = s.select(mask, md) if md >= 0 and mshape[md] != 1 else mask
+    return s.contraction(new_zeros, x.target, (new_zeros, new_mask, indices, new_values))
+
+
+def _embedding_dense_backward(s, x, d):
+    grad, indices, *rest = x.args
+    if d != 1:
+        return None
+    return s.contraction(x, x.target, (s.select(grad, len(_shape(grad)) - 1), indices, *rest))
+
+
+def _getitem(s, x, d):
+    parent, i = x.args
+    if parent.target is aten.convolution_backward.default and i == 1:
+        return _conv_weight_grad(s, x, parent, d)
+    return None
+
+
+def _conv_weight_grad(s, x, cb, d):
+    """The weight gradient of a convolution for channels of dim d (0 = out, 1 = in)."""
+    g, inp, w, _bias, stride, padding, dilation, transposed, out_pad, groups, _mask = cb.args
+    if transposed:
+        return None
+    c_out, c_in_per_group = _shape(w)[:2]
+    if groups == 1:
+        if d == 1:
+            args = (g, s.select(inp, 1), s.select(w, 1), None, stride, padding, dilation, False, out_pad, 1)
+        else:
+            args = (s.select(g, 1), inp, s.select(w, 0), None, stride, padding, dilation, False, out_pad, 1)
+    elif groups == c_out and c_in_per_group == 1 and _shape(inp)[1] == c_out and d == 0:  # depthwise
+        args = (s.select(g, 1), s.select(inp, 1), s.select(w, 0), None, stride, padding, dilation, False, out_pad, s.k)
+    else:
+        return None
+    new_cb = s.contraction(x, cb.target, args + ([False, True, False],))
+    return s.emit_after(new_cb, operator.getitem, (new_cb, 1))
+
+
+VIEWS = {aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default,
+         aten._unsafe_view.default, aten.reshape.default}
+_POINTWISE = [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar,
+              aten.div.Scalar, aten.neg.default, aten.clone.default, aten._to_copy.default,
+              prims.convert_element_type.default]
+RULES = {
+    aten.permute.default: _permute,
+    aten.transpose.int: _transpose,
+    aten.t.default: _t,
+    aten.view.default: _view,
+    aten._unsafe_view.default: _view,
+    aten.reshape.default: _view,
+    aten.mm.default: _mm,
+    aten.bmm.default: _bmm,
+    aten.sum.dim_IntList: _sum,
+    aten.full.default: _full,
+    aten.slice_scatter.default: _slice_scatter,
+    aten._unsafe_masked_index_put_accumulate.default: _index_put_accumulate,
+    aten.embedding_dense_backward.default: _embedding_dense_backward,
+    operator.getitem: _getitem,
+    **{op: _pointwise for op in _POINTWISE},
+}
+
+
+# ---- the pass ---------------------------------------------------------------------------------------------
+
+def _index_node(gm: fx.GraphModule, p: ParamPlan) -> fx.Node | None:
+    if p.indices is None:
+        return None
+    attr = "_sparsecc_channels_" + p.name.replace(".", "_")
+    gm.register_buffer(attr, p.indices)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        node = gm.graph.get_attr(attr)
+    ref = next(n for n in gm.graph.nodes if "val" in n.meta)
+    node.meta["val"] = detect_fake_mode([ref.meta["val"]]).from_tensor(p.indices, static_shapes=True)
+    return node
+
+
+def _scatter_back(gm: fx.GraphModule, part: fx.Node, p: ParamPlan, dim: int, index: fx.Node | None) -> fx.Node:
+    """The full-shape gradient: the selected part, zeros elsewhere."""
+    out = gm.graph.output_node()
+    with gm.graph.inserting_before(out):
+        if index is None:
+            pad = [0, 0] * (len(p.shape) - 1 - dim) + [0, p.shape[dim] - _shape(part)[dim]]
+            return call(gm.graph, aten.constant_pad_nd.default, (part, pad, 0.0), NAME)
+        v = val(part)
+        zeros = call(gm.graph, aten.full.default, (list(p.shape), 0.0), NAME,
+                     {"dtype": v.dtype, "layout": torch.strided, "device": v.device, "pin_memory": False})
+        return call(gm.graph, aten.index_copy.default, (zeros, dim, index, part), NAME)
+
+
+def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
+    result = PassResult(NAME)
+    outs = output_values(gm)
+    backward = tangent_dependent(gm)
+    sliced = 0
+    for p in plan.params:
+        grad = outs[plan.grad_position(p)]
+        if not isinstance(p.rule, Channels) or grad is None:
+            continue
+        dim, k = p.rule.axis, p.rule.count(p.shape[p.rule.axis])
+        if k == p.shape[dim]:
+            result.notes.append(f"{p.name}: Channels keeps all {k} channels; trained in full")
+            continue
+        index = _index_node(gm, p)
+        selector = _Selector(gm, k, index, backward)
+        part = selector.select(grad, dim)
+        outs[plan.grad_position(p)] = _scatter_back(gm, part, p, dim, index)
+        if selector.sliced or not selector.stops:
+            sliced += 1
+            saved = f"; activations selected before saving: {', '.join(selector.reached)}" if selector.reached else ""
+            where = f" in {', '.join(selector.sliced)}" if selector.sliced else ""
+            result.notes.append(f"{p.name}: gradient computed for {k}/{p.shape[dim]} channels of dim {dim}{where}{saved}")
+        else:
+            result.skipped.append(f"{p.name}: full gradient computed, then masked to {k}/{p.shape[dim]} channels "
+                                  f"({'; '.join(selector.stops)})")
+    set_output_values(gm, outs)
+    result.counts["grads_sliced"] = sliced
+    result.counts["nodes_removed"] = eliminate_dead_code(gm)
+    return result

@@ -1,0 +1,55 @@
+"""The compiler, on one screen: the ordered passes over the joint graph, each checked and recorded."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .graph import output_values
+from .passes import PassResult, Plan
+from .passes.prune_backward import prune_backward
+from .passes.subtensor_grads import subtensor_grads
+
+PASSES = [
+    prune_backward,    # frozen parameters get no gradient; DCE removes what only served them
+    subtensor_grads,   # Channels rules: weight gradients for the selected channels only
+]
+
+
+class PassVerificationError(RuntimeError):
+    """A pass left the graph in a state that breaks an invariant; the message names the pass."""
+
+
+def readable(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
+
+
+def verify(gm: fx.GraphModule, plan: Plan, n_outputs: int, pass_name: str) -> None:
+    """Invariants every pass must keep: a well-formed graph, fake values on every op, the output arity,
+    and each gradient shaped like its parameter."""
+    try:
+        gm.graph.lint()
+    except Exception as e:  # noqa: BLE001 - re-raised with the pass named
+        raise PassVerificationError(f"after pass {pass_name}: graph.lint failed: {e}") from e
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "val" not in node.meta:
+            raise PassVerificationError(f"after pass {pass_name}: node {node.name} ({node.target}) has no meta['val']")
+    outs = output_values(gm)
+    if len(outs) != n_outputs:
+        raise PassVerificationError(f"after pass {pass_name}: {len(outs)} outputs, expected {n_outputs}")
+    for p in plan.params:
+        grad = outs[plan.grad_position(p)]
+        if grad is not None and tuple(grad.meta["val"].shape) != p.shape:
+            raise PassVerificationError(
+                f"after pass {pass_name}: gradient of {p.name} has shape {tuple(grad.meta['val'].shape)}, expected {p.shape}")
+
+
+def run_passes(joint: fx.GraphModule, plan: Plan) -> tuple[list[PassResult], dict[str, str]]:
+    """Rewrite the joint graph in place; return each pass's result and the graph's code after it."""
+    graphs = {"joint/input": readable(joint)}
+    results = []
+    n_outputs = len(output_values(joint))
+    for fn in PASSES:
+        result = fn(joint, plan)
+        verify(joint, plan, n_outputs, fn.__name__)
+        graphs[f"joint/after {fn.__name__}"] = readable(joint)
+        results.append(result)
+    return results, graphs

@@ -1,0 +1,128 @@
+"""What the compiler did, for people: per-pass graphs, statistics, a summary table and an HTML page.
+
+Every compilation registers its Report; sparsecc.reports() lists them, and SPARSECC_DEBUG_DIR=dir
+dumps each one (graphs as .py files, stats as JSON, the HTML page) as it is made.
+"""
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .passes import PassResult
+
+_REPORTS: list["Report"] = []
+
+
+@dataclass
+class Report:
+    """One compilation: graphs[name] is readable code ("joint/input", "joint/after <pass>",
+    "forward/before", "backward/before", "forward/after", "backward/after"); stats holds the counts."""
+
+    graphs: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
+    passes: list[PassResult] = field(default_factory=list)
+    params: list[tuple[str, str, tuple]] = field(default_factory=list)   # (name, rule, shape)
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, reports: list["Report"]) -> "Report":
+        """One report for several graphs of one model (a graph break): graphs prefixed, stats summed."""
+        if len(reports) == 1:
+            return reports[0]
+        merged = cls()
+        for i, r in enumerate(reports):
+            merged.graphs.update({f"graph{i}/{k}": v for k, v in r.graphs.items()})
+            for k, v in r.stats.items():
+                merged.stats[k] = merged.stats.get(k, 0) + v
+            merged.passes += r.passes
+            merged.params += r.params
+            merged.warnings += r.warnings
+        return merged
+
+    def __str__(self) -> str:
+        s = self.stats
+        rows = [("backward FLOPs", s.get("backward_flops_before"), s.get("backward_flops_after")),
+                ("saved for backward (bytes)", s.get("saved_bytes_before"), s.get("saved_bytes_after")),
+                ("backward nodes", s.get("backward_nodes_before"), s.get("backward_nodes_after"))]
+        lines = ["sparsecc report", f"{'':28}{'before':>14}{'after':>14}{'ratio':>8}"]
+        for label, before, after in rows:
+            ratio = f"{after / before:.3f}" if before else "-"
+            lines.append(f"{label:28}{before:>14,}{after:>14,}{ratio:>8}")
+        lines.append(f"gradients pruned: {s.get('grads_pruned', 0)}, gradients sliced: {s.get('grads_sliced', 0)}, "
+                     f"nodes removed: {s.get('nodes_removed', 0)}")
+        for p in self.passes:
+            lines.append(f"[{p.name}] " + ", ".join(f"{k}={v}" for k, v in p.counts.items()))
+            lines += [f"    {n}" for n in p.notes if "frozen" not in n]
+            lines += [f"    skipped: {n}" for n in p.skipped]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def diff(self, before: str, after: str) -> str:
+        return "\n".join(difflib.unified_diff(self.graphs[before].splitlines(), self.graphs[after].splitlines(),
+                                              before, after, lineterm=""))
+
+    def _diff_pairs(self) -> list[tuple[str, str]]:
+        joint = [k for k in self.graphs if k.startswith("joint/")]
+        return list(zip(joint, joint[1:])) + [("forward/before", "forward/after"), ("backward/before", "backward/after")]
+
+    def to_html(self) -> str:
+        parts = ["<!doctype html><html><head><meta charset='utf-8'><title>sparsecc report</title><style>",
+                 "body{font-family:sans-serif;margin:2em}pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:12px}",
+                 ".add{color:#116329;background:#dafbe1}.del{color:#82071e;background:#ffebe9}",
+                 "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
+                 "</style></head><body><h1>sparsecc report</h1>", f"<pre>{html.escape(str(self))}</pre>",
+                 "<h2>Parameters</h2><table><tr><th>name</th><th>rule</th><th>shape</th></tr>"]
+        parts += [f"<tr><td>{html.escape(n)}</td><td>{html.escape(r)}</td><td>{s}</td></tr>" for n, r, s in self.params]
+        parts.append("</table><h2>What each pass changed</h2>")
+        for before, after in self._diff_pairs():
+            if before in self.graphs and after in self.graphs:
+                parts.append(f"<h3>{html.escape(before)} &rarr; {html.escape(after)}</h3><pre>{_html_diff(self.diff(before, after))}</pre>")
+        parts.append("<h2>Graphs</h2>")
+        for name, code in self.graphs.items():
+            parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(code)}</pre></details>")
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    def save_html(self, path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_html())
+        return path
+
+    def dump(self, directory) -> Path:
+        """Write every graph, the stats and the HTML page into a new numbered folder under directory."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        out = root / f"compile_{len(list(root.glob('compile_*'))):03d}"
+        out.mkdir()
+        for name, code in self.graphs.items():
+            (out / (name.replace("/", "__").replace(" ", "_") + ".py")).write_text(code)
+        (out / "stats.json").write_text(json.dumps(self.stats, indent=2))
+        (out / "summary.txt").write_text(str(self))
+        self.save_html(out / "report.html")
+        return out
+
+
+def _html_diff(diff: str) -> str:
+    lines = []
+    for line in diff.splitlines():
+        cls = "add" if line.startswith("+") and not line.startswith("+++") else \
+              "del" if line.startswith("-") and not line.startswith("---") else None
+        text = html.escape(line)
+        lines.append(f"<span class='{cls}'>{text}</span>" if cls else text)
+    return "\n".join(lines) or "(no change)"
+
+
+def register(report: Report) -> None:
+    _REPORTS.append(report)
+    debug_dir = os.environ.get("SPARSECC_DEBUG_DIR")
+    if debug_dir:
+        report.dump(debug_dir)
+
+
+def reports() -> list[Report]:
+    """The reports of every sparsecc compilation in this process, oldest first."""
+    return list(_REPORTS)
