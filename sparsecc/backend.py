@@ -9,12 +9,11 @@ import torch
 import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 from torch._dynamo.backends.common import aot_autograd
-from torch._dynamo.symbolic_convert import InstructionTranslator
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from . import analysis
 from .config import Channels, Config
-from .graph import clone_graph_module, dynamo_parameters
+from .graph import clone_graph_module, dynamo_parameters, dynamo_root_module
 from .passes import ParamPlan, Plan
 from .pipeline import readable, run_passes
 from .report import Report, register
@@ -75,22 +74,9 @@ class SparseccPartitioner(CustomPartitionerFn):
             "grads_sliced": sum(r.counts.get("grads_sliced", 0) for r in results),
             "nodes_removed": sum(r.counts.get("nodes_removed", 0) for r in results),
         }
-        for r in results:
-            for skipped in r.skipped:
-                report.warnings.append(f"{r.name}: {skipped}")
-                warnings.warn(f"sparsecc {r.name}: {skipped}", stacklevel=2)
         self.report = report
         register(report)
         return fw, bw
-
-
-def _is_partial_graph(gm: fx.GraphModule) -> bool:
-    """True when Dynamo split the model (a graph break), so this graph holds only some of its parameters."""
-    reason = getattr(gm, "compile_subgraph_reason", None)
-    if reason is not None and reason.graph_break:
-        return True
-    tx = InstructionTranslator.current_tx()
-    return tx is not None and tx.f_code.co_name.startswith("torch_dynamo_resume_in")
 
 
 def _boxed(gm, example_inputs):
@@ -100,8 +86,14 @@ def _boxed(gm, example_inputs):
 def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
     """Compile one Dynamo graph under config. Returns the compiled callable."""
     found = dynamo_parameters(gm, example_inputs)
-    params = {name: p for name, p in found.values()}
-    rules = config.scheme.resolve(params, complete=not _is_partial_graph(gm))
+    root = dynamo_root_module(gm)
+    params = dict(root.named_parameters(remove_duplicate=False)) if root is not None else {}
+    complete = bool(params) and all(params.get(n) is p for n, p in found.values())
+    if not complete:
+        warnings.warn("sparsecc: could not find the one module this graph's parameters belong to; the update "
+                      "scheme is applied to the graph's own parameters without checking that every pattern matches")
+        params = {name: p for name, p in found.values()}
+    rules = config.scheme.resolve(params, complete=complete)
     partitioner = SparseccPartitioner({i: (n, p, rules[n]) for i, (n, p) in found.items()}, len(example_inputs))
     with torch._functorch.config.patch(enable_autograd_cache=False):
         if config.executor == "inductor":

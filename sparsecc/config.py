@@ -99,24 +99,41 @@ class UpdateScheme:
         """Train every parameter (plain full backprop)."""
         return cls({}, default="full")
 
-    def rule_for(self, name: str) -> Rule:
+    def match(self, name: str) -> Rule | None:
+        """The rule of the first pattern matching name, or None when no pattern does."""
         for pattern, rule in self.rules.items():
             if fnmatch.fnmatchcase(name, pattern):
                 return rule
-        return self.default
+        return None
+
+    def rule_for(self, name: str) -> Rule:
+        rule = self.match(name)
+        return self.default if rule is None else rule
 
     def resolve(self, params: Mapping[str, torch.Tensor], *, complete: bool = True) -> dict[str, Rule]:
         """Map every parameter name to its rule, validating the scheme against the parameters.
 
-        complete=False is for a graph that may hold only some of the model's parameters (a graph break):
-        a pattern that matches none of them is then not an error.
+        Tied parameters (one tensor under several names) get the rule a pattern gives any of their names;
+        two different explicit rules for one tensor are an error. complete=False is for a graph whose
+        model is unknown, so params may be only some of its parameters: a pattern that matches none of
+        them is then no error.
         """
         names = list(params)
         if complete:
             for pattern in self.rules:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     raise ConfigError(f"UpdateScheme pattern {pattern!r} matches no parameter.{_closest(pattern, names)}")
-        resolved = {n: self.rule_for(n) for n in names}
+        aliases: dict[int, list[str]] = {}
+        for name, tensor in params.items():
+            aliases.setdefault(id(tensor), []).append(name)
+        resolved = {}
+        for group in aliases.values():
+            explicit = {n: r for n in group if (r := self.match(n)) is not None}
+            if len(set(map(repr, explicit.values()))) > 1:
+                raise ConfigError(f"tied parameters {sorted(explicit)} share one tensor but get different rules "
+                                  f"{ {n: r for n, r in explicit.items()} }; give them one rule")
+            rule = next(iter(explicit.values()), self.default)
+            resolved.update({n: rule for n in group})
         for name, rule in resolved.items():
             if isinstance(rule, Channels) and params[name].dim() < 2:
                 raise ConfigError(

@@ -5,11 +5,12 @@ The model is left as it was: gradients and buffers (BatchNorm running statistics
 from __future__ import annotations
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 from torch.utils._pytree import tree_leaves
 
 from . import report as report_mod
 from .backend import backend_for
-from .config import Config
+from .config import Config, ConfigError
 
 
 def _default_loss(output) -> torch.Tensor:
@@ -29,7 +30,12 @@ def explain(model: torch.nn.Module, *example_inputs, loss_fn=None, update=None, 
     first = len(report_mod.reports())
     try:
         compiled = torch.compile(model, backend=backend_for(config))
-        out = compiled(*example_inputs)
+        try:
+            out = compiled(*example_inputs)
+        except BackendCompilerFailed as e:   # a scheme the graph cannot honour: show sparsecc's own error
+            if isinstance(e.inner_exception, ConfigError):
+                raise e.inner_exception from None
+            raise
         loss = loss_fn(out) if loss_fn is not None else _default_loss(out)
         loss.backward()
     finally:

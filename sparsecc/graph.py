@@ -1,11 +1,12 @@
 """Small FX helpers shared by the passes: naming parameters, building nodes with metadata, sizes."""
 from __future__ import annotations
 
-import copy
+import contextlib
 import re
 
 import torch
 import torch.fx as fx
+from torch._dynamo.symbolic_convert import InstructionTranslator
 from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_map
 
@@ -32,6 +33,26 @@ def dynamo_parameters(gm: fx.GraphModule, example_inputs) -> dict[int, tuple[str
     return found
 
 
+def dynamo_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
+    """The module whose parameters the graph's parameter inputs were read from (the `self` of the compiled
+    forward, or a global model), found in the frame Dynamo is compiling; None when there is no single one.
+    With it, a scheme is checked against every parameter name, tied aliases included."""
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return None
+    roots = set()
+    for node in gm.graph.nodes:
+        grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+        if grapharg is not None and "_parameters[" in grapharg.source.name:
+            roots.add(grapharg.source.name.split("]", 1)[0] + "]")
+    if len(roots) != 1:
+        return None
+    (root,) = roots
+    scope = tx.f_locals if root.startswith("L[") else tx.f_globals if root.startswith("G[") else {}
+    module = scope.get(root[3:-2])
+    return module if isinstance(module, torch.nn.Module) else None
+
+
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A structural copy (node meta is copied shallowly, so fake values are shared, not duplicated)."""
     graph = fx.Graph()
@@ -39,7 +60,7 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     out = graph.graph_copy(gm.graph, {}, return_output_node=True)
     value, out_node = out
     graph.output(value, type_expr=getattr(out_node, "type", None))
-    graph.output_node().meta = copy.copy(out_node.meta)
+    graph.output_node().meta = dict(out_node.meta)
     return fx.GraphModule(gm, graph)
 
 
@@ -53,8 +74,7 @@ def call(graph: fx.Graph, target, args, pass_name: str, kwargs=None) -> fx.Node:
     kwargs = kwargs or {}
     node = graph.call_function(target, tuple(args), kwargs)
     fake_args, fake_kwargs = val(tuple(args)), val(kwargs)
-    mode = detect_fake_mode(fake_args)
-    with mode:
+    with detect_fake_mode(fake_args) or contextlib.nullcontext():
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     node.meta["sparsecc_pass"] = pass_name
     return node

@@ -26,7 +26,6 @@ class Report:
     stats: dict[str, int] = field(default_factory=dict)
     passes: list[PassResult] = field(default_factory=list)
     params: list[tuple[str, str, tuple]] = field(default_factory=list)   # (name, rule, shape)
-    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def merge(cls, reports: list["Report"]) -> "Report":
@@ -40,7 +39,6 @@ class Report:
                 merged.stats[k] = merged.stats.get(k, 0) + v
             merged.passes += r.passes
             merged.params += r.params
-            merged.warnings += r.warnings
         return merged
 
     def __str__(self) -> str:
@@ -57,8 +55,6 @@ class Report:
         for p in self.passes:
             lines.append(f"[{p.name}] " + ", ".join(f"{k}={v}" for k, v in p.counts.items()))
             lines += [f"    {n}" for n in p.notes if "frozen" not in n]
-            lines += [f"    skipped: {n}" for n in p.skipped]
-        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def diff(self, before: str, after: str) -> str:

@@ -35,4 +35,3 @@ class PassResult:
     name: str
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)      # what was done, per parameter
-    skipped: list[str] = field(default_factory=list)    # what could not be done, and why

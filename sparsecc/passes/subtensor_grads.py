@@ -4,7 +4,8 @@ The gradient output g of the parameter is replaced by pad(select(g)), and the se
 through the backward graph by local rules (a table from aten op to a small function) until it reaches
 forward tensors. There it selects the *activation* before it is saved, so the forward keeps only the
 k selected channels alive for backward. Where no rule applies, the selection stays where it stopped:
-the result is still exact (the full gradient is computed and masked), and the report says where and why.
+when that leaves no contraction computing fewer channels, the rule buys nothing and is rejected with an
+error that names the parameter and the op; otherwise the report notes where the selection stopped.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
-from ..config import Channels
+from .. import ops  # noqa: F401  (registers sparsecc::index_constant)
+from ..config import Channels, ConfigError
 from ..graph import call, output_values, set_output_values, tangent_dependent, val
 from . import ParamPlan, PassResult, Plan
 from .dce import eliminate_dead_code
@@ -51,7 +52,8 @@ class _Selector:
             return self.emit_after(after, aten.slice.Tensor, (x, dim, 0, self.k))
         if after.op == "placeholder":
             after = self.index  # the index constant sits after the last graph input
-        return self.emit_after(after, aten.index_select.default, (x, dim, self.index))
+        # aten.index, not index_select: the graph is already decomposed for Inductor, which lowers index
+        return self.emit_after(after, aten.index.Tensor, (x, [None] * dim + [self.index]))
 
     def select(self, x: fx.Node, dim: int) -> fx.Node:
         """A node equal to select(x, dim), computed as early in the graph as the rules allow."""
@@ -252,16 +254,13 @@ RULES = {
 # ---- the pass ---------------------------------------------------------------------------------------------
 
 def _index_node(gm: fx.GraphModule, p: ParamPlan) -> fx.Node | None:
+    """The chosen channel indices as a graph constant, placed after the last graph input."""
     if p.indices is None:
         return None
-    attr = "_sparsecc_channels_" + p.name.replace(".", "_")
-    gm.register_buffer(attr, p.indices)
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        node = gm.graph.get_attr(attr)
-    ref = next(n for n in gm.graph.nodes if "val" in n.meta)
-    node.meta["val"] = detect_fake_mode([ref.meta["val"]]).from_tensor(p.indices, static_shapes=True)
-    return node
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    device = last_input.meta["val"].device
+    with gm.graph.inserting_after(last_input):
+        return call(gm.graph, torch.ops.sparsecc.index_constant.default, (p.indices.tolist(), device), NAME)
 
 
 def _scatter_back(gm: fx.GraphModule, part: fx.Node, p: ParamPlan, dim: int, index: fx.Node | None) -> fx.Node:
@@ -274,7 +273,7 @@ def _scatter_back(gm: fx.GraphModule, part: fx.Node, p: ParamPlan, dim: int, ind
         v = val(part)
         zeros = call(gm.graph, aten.full.default, (list(p.shape), 0.0), NAME,
                      {"dtype": v.dtype, "layout": torch.strided, "device": v.device, "pin_memory": False})
-        return call(gm.graph, aten.index_copy.default, (zeros, dim, index, part), NAME)
+        return call(gm.graph, aten.index_put.default, (zeros, [None] * dim + [index], part), NAME)
 
 
 def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
@@ -294,14 +293,16 @@ def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
         selector = _Selector(gm, k, index, backward)
         part = selector.select(grad, dim)
         outs[plan.grad_position(p)] = _scatter_back(gm, part, p, dim, index)
-        if selector.sliced or not selector.stops:
-            sliced += 1
-            saved = f"; activations selected before saving: {', '.join(selector.reached)}" if selector.reached else ""
-            where = f" in {', '.join(selector.sliced)}" if selector.sliced else ""
-            result.notes.append(f"{p.name}: gradient computed for {k}/{p.shape[dim]} channels of dim {dim}{where}{saved}")
-        else:
-            result.skipped.append(f"{p.name}: full gradient computed, then masked to {k}/{p.shape[dim]} channels "
-                                  f"({'; '.join(selector.stops)})")
+        if selector.stops and not selector.sliced:
+            raise ConfigError(
+                f"Channels rule on {p.name!r}: sparsecc cannot compute this gradient for a subset of channels of "
+                f"dim {dim} ({'; '.join(selector.stops)}). Use dim='in'/'out' on a linear, conv or embedding "
+                f"weight, or train {p.name!r} in 'full'")
+        sliced += 1
+        saved = f"; activations selected before saving: {', '.join(selector.reached)}" if selector.reached else ""
+        where = f" in {', '.join(selector.sliced)}" if selector.sliced else ""
+        also = f"; elsewhere the full gradient is sliced ({'; '.join(selector.stops)})" if selector.stops else ""
+        result.notes.append(f"{p.name}: gradient computed for {k}/{p.shape[dim]} channels of dim {dim}{where}{saved}{also}")
     set_output_values(gm, outs)
     result.counts["grads_sliced"] = sliced
     result.counts["nodes_removed"] = eliminate_dead_code(gm)
