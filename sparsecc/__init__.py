@@ -2,7 +2,9 @@
 from .backend import UnsupportedGraphError, backend
 from .config import Channels, Config, ConfigError, UpdateScheme
 from .explain import explain
+from .optim import SGD, AdamW
 from .report import Report, reports
+from .train_step import TrainStep, compile_train_step
 
-__all__ = ["Channels", "Config", "ConfigError", "Report", "UnsupportedGraphError", "UpdateScheme",
-           "backend", "explain", "reports"]
+__all__ = ["AdamW", "Channels", "Config", "ConfigError", "Report", "SGD", "TrainStep", "UnsupportedGraphError",
+           "UpdateScheme", "backend", "compile_train_step", "explain", "reports"]

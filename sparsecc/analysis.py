@@ -5,13 +5,14 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
-from .graph import nbytes, output_values, val
+from .graph import backward_nodes, nbytes, output_values, val
 
 
-def graph_flops(gm: fx.GraphModule) -> int:
-    """FLOPs of the matmuls, convolutions and attention kernels in the graph (what flop_counter counts)."""
+def graph_flops(gm: fx.GraphModule, only=None) -> int:
+    """FLOPs of the matmuls, convolutions and attention kernels in the graph (what flop_counter counts),
+    or in the nodes of `only`."""
     total = 0
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if only is None else only:
         if node.op != "call_function" or not hasattr(node.target, "overloadpacket"):
             continue
         formula = flop_registry.get(node.target.overloadpacket)
@@ -19,6 +20,14 @@ def graph_flops(gm: fx.GraphModule) -> int:
             flops = formula(*val(node.args), out_val=node.meta.get("val"), **val(node.kwargs))
             total += int(flops) if isinstance(flops, int) else int(getattr(flops.node, "hint", 0) or 0)
     return total
+
+
+def split_flops(gm: fx.GraphModule, num_fwd_outputs: int) -> tuple[int, int]:
+    """(forward FLOPs, backward-and-update FLOPs) of a joint graph."""
+    backward = backward_nodes(gm, num_fwd_outputs)
+    total = graph_flops(gm)
+    bwd = graph_flops(gm, backward)
+    return total - bwd, bwd
 
 
 def saved_tensors(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.symbolic_convert import InstructionTranslator
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
@@ -74,7 +75,8 @@ def call(graph: fx.Graph, target, args, pass_name: str, kwargs=None) -> fx.Node:
     kwargs = kwargs or {}
     node = graph.call_function(target, tuple(args), kwargs)
     fake_args, fake_kwargs = val(tuple(args)), val(kwargs)
-    with detect_fake_mode(fake_args) or contextlib.nullcontext():
+    graph_vals = [n.meta.get("val") for n in graph.find_nodes(op="placeholder")]
+    with detect_fake_mode(fake_args) or detect_fake_mode(graph_vals) or contextlib.nullcontext():
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     node.meta["sparsecc_pass"] = pass_name
     return node
@@ -102,10 +104,33 @@ def set_output_values(gm: fx.GraphModule, values: list) -> None:
     out.args = (type(out.args[0])(values),)
 
 
-def tangent_dependent(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value depends on a tangent (the backward part of a joint graph)."""
-    deps: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if (node.op == "placeholder" and "tangents" in node.name) or any(a in deps for a in node.all_input_nodes):
-            deps.add(node)
-    return deps
+def backward_nodes(gm: fx.GraphModule, num_fwd_outputs: int) -> set[fx.Node]:
+    """Nodes of a joint graph that the forward outputs do not need: the backward (and what only it uses)."""
+    forward: set[fx.Node] = set()
+    stack = [n for n in output_values(gm)[:num_fwd_outputs] if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in forward:
+            forward.add(node)
+            stack.extend(node.all_input_nodes)
+    return {n for n in gm.graph.nodes if n not in forward and n.op != "output"}
+
+
+def inline(gm: fx.GraphModule, fn, args: list[fx.Node], after: fx.Node, pass_name: str) -> list[fx.Node]:
+    """Trace the eager function fn(*args) to aten ops and insert them after `after`; returns its outputs.
+
+    This is how multi-node rewrites are written: as plain PyTorch, traced on the arguments' fake values."""
+    fake_args = [a.meta["val"] for a in args]
+    with detect_fake_mode(fake_args) or contextlib.nullcontext():
+        traced = make_fx(fn)(*fake_args)
+    env = dict(zip([n for n in traced.graph.nodes if n.op == "placeholder"], args))
+    anchor = after
+    for node in traced.graph.nodes:
+        if node.op == "call_function":
+            new_args = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, node.args)
+            new_kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, dict(node.kwargs))
+            with gm.graph.inserting_after(anchor):
+                env[node] = anchor = call(gm.graph, node.target, new_args, pass_name, new_kwargs)
+        elif node.op == "output":
+            return [env[o] for o in node.args[0]]
+    raise AssertionError("traced function has no output")

@@ -5,12 +5,18 @@ import torch.fx as fx
 
 from .graph import output_values
 from .passes import PassResult, Plan
+from .passes.fuse_optimizer import fuse_optimizer
 from .passes.prune_backward import prune_backward
+from .passes.reorder_for_memory import reorder_for_memory
 from .passes.subtensor_grads import subtensor_grads
 
 PASSES = [
-    prune_backward,    # frozen parameters get no gradient; DCE removes what only served them
-    subtensor_grads,   # Channels rules: weight gradients for the selected channels only
+    prune_backward,      # frozen parameters get no gradient; DCE removes what only served them
+    subtensor_grads,     # Channels rules: weight gradients for the selected channels only
+]
+TRAIN_STEP_PASSES = PASSES + [
+    fuse_optimizer,      # each update right after its gradient; gradients become new params + state
+    reorder_for_memory,  # schedule the whole step for a lower peak of live bytes
 ]
 
 
@@ -19,12 +25,15 @@ class PassVerificationError(RuntimeError):
 
 
 def readable(gm: fx.GraphModule) -> str:
-    return gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
+    """The graph as code with shapes, without the source-location comments tracing leaves behind."""
+    code = gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
+    return "\n".join(line for line in code.splitlines()
+                     if not line.lstrip().startswith(("# File:", "# No stacktrace")) and line.strip() != "")
 
 
 def verify(gm: fx.GraphModule, plan: Plan, n_outputs: int, pass_name: str) -> None:
-    """Invariants every pass must keep: a well-formed graph, fake values on every op, the output arity,
-    and each gradient shaped like its parameter."""
+    """Invariants every pass must keep: a well-formed graph, fake values on every op, the output layout
+    (one gradient per parameter, shaped like it; after fuse_optimizer, new parameter and state per update)."""
     try:
         gm.graph.lint()
     except Exception as e:  # noqa: BLE001 - re-raised with the pass named
@@ -33,21 +42,24 @@ def verify(gm: fx.GraphModule, plan: Plan, n_outputs: int, pass_name: str) -> No
         if node.op == "call_function" and "val" not in node.meta:
             raise PassVerificationError(f"after pass {pass_name}: node {node.name} ({node.target}) has no meta['val']")
     outs = output_values(gm)
+    updates = gm.meta.get("sparsecc_updates")
+    if updates is not None:
+        n_outputs = plan.num_fwd_outputs + len(updates) * (1 + len(plan.optimizer.state_names))
     if len(outs) != n_outputs:
         raise PassVerificationError(f"after pass {pass_name}: {len(outs)} outputs, expected {n_outputs}")
-    for p in plan.params:
+    for p in plan.params if updates is None else ():
         grad = outs[plan.grad_position(p)]
         if grad is not None and tuple(grad.meta["val"].shape) != p.shape:
             raise PassVerificationError(
                 f"after pass {pass_name}: gradient of {p.name} has shape {tuple(grad.meta['val'].shape)}, expected {p.shape}")
 
 
-def run_passes(joint: fx.GraphModule, plan: Plan) -> tuple[list[PassResult], dict[str, str]]:
+def run_passes(joint: fx.GraphModule, plan: Plan, passes=PASSES) -> tuple[list[PassResult], dict[str, str]]:
     """Rewrite the joint graph in place; return each pass's result and the graph's code after it."""
     graphs = {"joint/input": readable(joint)}
     results = []
     n_outputs = len(output_values(joint))
-    for fn in PASSES:
+    for fn in passes:
         result = fn(joint, plan)
         verify(joint, plan, n_outputs, fn.__name__)
         graphs[f"joint/after {fn.__name__}"] = readable(joint)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .memory import Timeline
 from .passes import PassResult
 
 _REPORTS: list["Report"] = []
@@ -26,6 +27,7 @@ class Report:
     stats: dict[str, int] = field(default_factory=dict)
     passes: list[PassResult] = field(default_factory=list)
     params: list[tuple[str, str, tuple]] = field(default_factory=list)   # (name, rule, shape)
+    timeline: Timeline | None = None    # a training step's liveness model: bytes live at each node
 
     @classmethod
     def merge(cls, reports: list["Report"]) -> "Report":
@@ -43,13 +45,18 @@ class Report:
 
     def __str__(self) -> str:
         s = self.stats
-        rows = [("backward FLOPs", s.get("backward_flops_before"), s.get("backward_flops_after")),
-                ("saved for backward (bytes)", s.get("saved_bytes_before"), s.get("saved_bytes_after")),
-                ("backward nodes", s.get("backward_nodes_before"), s.get("backward_nodes_after"))]
+        rows = [("backward FLOPs", "backward_flops"), ("saved for backward (bytes)", "saved_bytes"),
+                ("backward nodes", "backward_nodes")]
         lines = ["sparsecc report", f"{'':28}{'before':>14}{'after':>14}{'ratio':>8}"]
-        for label, before, after in rows:
-            ratio = f"{after / before:.3f}" if before else "-"
-            lines.append(f"{label:28}{before:>14,}{after:>14,}{ratio:>8}")
+        for label, key in rows:
+            before, after = s.get(f"{key}_before"), s.get(f"{key}_after")
+            if before is not None:
+                ratio = f"{after / before:.3f}" if before else "-"
+                lines.append(f"{label:28}{before:>14,}{after:>14,}{ratio:>8}")
+        if "peak_bytes_estimate" in s:
+            measured = s.get("peak_bytes_measured")
+            lines.append(f"peak training memory (bytes above weights): model {s['peak_bytes_estimate']:,}"
+                         + (f", measured {measured:,} ({s['peak_bytes_estimate'] / measured:.2f}x)" if measured else ""))
         lines.append(f"gradients pruned: {s.get('grads_pruned', 0)}, gradients sliced: {s.get('grads_sliced', 0)}, "
                      f"nodes removed: {s.get('nodes_removed', 0)}")
         for p in self.passes:
@@ -77,6 +84,8 @@ class Report:
         for before, after in self._diff_pairs():
             if before in self.graphs and after in self.graphs:
                 parts.append(f"<h3>{html.escape(before)} &rarr; {html.escape(after)}</h3><pre>{_html_diff(self.diff(before, after))}</pre>")
+        if self.timeline is not None:
+            parts.append("<h2>Memory timeline (liveness model)</h2>" + _svg_timeline(self.timeline))
         parts.append("<h2>Graphs</h2>")
         for name, code in self.graphs.items():
             parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(code)}</pre></details>")
@@ -100,6 +109,15 @@ class Report:
         (out / "summary.txt").write_text(str(self))
         self.save_html(out / "report.html")
         return out
+
+
+def _svg_timeline(t: Timeline, width: int = 900, height: int = 200) -> str:
+    top = max(t.peak, 1)
+    n = max(len(t.live_bytes) - 1, 1)
+    points = " ".join(f"{i * width / n:.1f},{height - b * height / top:.1f}" for i, b in enumerate(t.live_bytes))
+    return (f"<svg width='{width}' height='{height + 20}' xmlns='http://www.w3.org/2000/svg'>"
+            f"<polyline fill='none' stroke='#0969da' points='{points}'/>"
+            f"<text x='0' y='{height + 15}' font-size='12'>peak {t.peak:,} bytes over {len(t.live_bytes)} nodes</text></svg>")
 
 
 def _html_diff(diff: str) -> str:

@@ -24,6 +24,7 @@ class Plan:
 
     params: tuple[ParamPlan, ...]
     num_fwd_outputs: int
+    optimizer: object = None        # sparsecc.SGD / AdamW when the graph is a whole training step
 
     def grad_position(self, p: ParamPlan) -> int:
         """Where the gradient of p sits among the joint graph's flat outputs."""

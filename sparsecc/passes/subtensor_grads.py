@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers sparsecc::index_constant)
 from ..config import Channels, ConfigError
-from ..graph import call, output_values, set_output_values, tangent_dependent, val
+from ..graph import backward_nodes, call, output_values, set_output_values, val
 from . import ParamPlan, PassResult, Plan
 from .dce import eliminate_dead_code
 
@@ -279,7 +279,7 @@ def _scatter_back(gm: fx.GraphModule, part: fx.Node, p: ParamPlan, dim: int, ind
 def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
     result = PassResult(NAME)
     outs = output_values(gm)
-    backward = tangent_dependent(gm)
+    backward = backward_nodes(gm, plan.num_fwd_outputs)
     sliced = 0
     for p in plan.params:
         grad = outs[plan.grad_position(p)]

@@ -1,0 +1,83 @@
+"""Where training memory goes: a liveness model of a graph, and a measurement of a real step.
+
+The model walks the graph in execution order: a node's output is allocated when it runs and freed after
+its last use; views (ops whose schema says the result aliases an input) and getitem share their base's
+storage; graph inputs are resident and not counted; graph outputs stay live to the end.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch.profiler import ProfilerActivity, profile
+
+from .graph import nbytes
+
+
+@dataclass
+class Timeline:
+    names: list[str]          # node names in execution order
+    live_bytes: list[int]     # bytes live while each node runs (its output allocated; graph inputs excluded)
+
+    @property
+    def peak(self) -> int:
+        return max(self.live_bytes, default=0)
+
+
+def _aliases_input(node: fx.Node) -> bool:
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None
+                and not schema.returns[0].alias_info.is_write)
+
+
+def storage_roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Each node -> the node that allocated the storage it lives in."""
+    root: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        base = node.args[0] if node.op == "call_function" and _aliases_input(node) and node.args else None
+        root[node] = root.get(base, base) if isinstance(base, fx.Node) else node
+    return root
+
+
+def liveness(gm: fx.GraphModule, order: list[fx.Node] | None = None) -> Timeline:
+    """The bytes live after each node when the graph runs in `order` (default: graph order)."""
+    order = order or [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    roots = storage_roots(gm)
+    position = {n: i for i, n in enumerate(order)}
+    end = len(order)
+    last_use: dict[fx.Node, int] = {}
+    for node in order:
+        for arg in node.all_input_nodes:
+            r = roots[arg]
+            last_use[r] = max(last_use.get(r, -1), position[node])
+        last_use.setdefault(roots[node], position[node])
+    for out in gm.graph.output_node().all_input_nodes:
+        last_use[roots[out]] = end
+    frees: dict[int, int] = {}
+    live, timeline = 0, []
+    for i, node in enumerate(order):
+        if roots[node] is node:
+            size = nbytes(node.meta.get("val"))
+            live += size
+            frees[last_use[node]] = frees.get(last_use[node], 0) + size
+        timeline.append(live)
+        live -= frees.pop(i, 0)
+    return Timeline([n.name for n in order], timeline)
+
+
+def measure_peak(fn) -> int:
+    """Peak bytes allocated above what was live when fn started, measured by the profiler's memory timeline
+    (every CPU allocation and free during fn, those inside compiled kernels included)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action.name == "CREATE":
+            live += size
+        elif action.name == "DESTROY":
+            live -= size
+        peak = max(peak, live)
+    return peak

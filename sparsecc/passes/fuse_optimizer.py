@@ -1,0 +1,71 @@
+"""fuse_optimizer: put each trained tensor's optimizer update right after its gradient is produced.
+
+The joint graph's gradient outputs become (new parameter, *new optimizer state) outputs, computed by the
+optimizer's own update function traced into the graph. For a Channels rule the update reads the k-channel
+gradient from before subtensor_grads padded it, so no full-size gradient exists and the optimizer state
+has the size of the trained slice. Learning rate and step count are graph inputs (0-d tensors), so a
+schedule never recompiles. Adds placeholders: lr, step, then each update's state in plan order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..config import Channels
+from ..graph import call, inline, output_values, set_output_values
+from . import ParamPlan, PassResult, Plan
+from .dce import eliminate_dead_code
+
+aten = torch.ops.aten
+NAME = "fuse_optimizer"
+
+
+def _new_input(gm: fx.GraphModule, name: str, like: torch.Tensor, shape) -> fx.Node:
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    with like.fake_mode:
+        node.meta["val"] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return node
+
+
+def _trained_part(gm: fx.GraphModule, grad: fx.Node, param: fx.Node, p: ParamPlan) -> tuple[fx.Node, fx.Node]:
+    """(gradient, parameter) of what is trained: the k-channel slice for a Channels rule, else the whole tensor."""
+    if not isinstance(p.rule, Channels) or grad.meta.get("sparsecc_pass") != "subtensor_grads":
+        return grad, param
+    axis = p.rule.axis
+    if grad.target is aten.constant_pad_nd.default:          # the first k channels
+        part = grad.args[0]
+        target, args = aten.slice.Tensor, (param, axis, 0, part.meta["val"].shape[axis])
+    else:                                                     # index_put(zeros, [.., index], part)
+        part, index = grad.args[2], grad.args[1][axis]
+        target, args = aten.index.Tensor, (param, [None] * axis + [index])
+    with gm.graph.inserting_after(part):
+        return part, call(gm.graph, target, args, NAME)
+
+
+def fuse_optimizer(gm: fx.GraphModule, plan: Plan) -> PassResult:
+    result = PassResult(NAME)
+    opt = plan.optimizer
+    outs = output_values(gm)
+    primals = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    scalar = primals[0].meta["val"].new_empty(())
+    lr = _new_input(gm, "lr", scalar, ())
+    step = _new_input(gm, "step", scalar, ())
+    new_outs, updates = outs[:plan.num_fwd_outputs], []
+    for p in plan.params:
+        grad = outs[plan.grad_position(p)]
+        if grad is None:
+            continue
+        g, w = _trained_part(gm, grad, primals[p.index], p)
+        shape = tuple(g.meta["val"].shape)
+        state = [_new_input(gm, f"{name}_{p.name.replace('.', '_')}", g.meta["val"], shape) for name in opt.state_names]
+        new = inline(gm, lambda *args: opt.update(*args), [w, g, lr, step, *state], after=w if w.op != "placeholder" else g, pass_name=NAME)
+        new_outs += new
+        updates.append((p.name, shape))
+        result.notes.append(f"{p.name}: {type(opt).__name__} update of {list(shape)} right after its gradient")
+    set_output_values(gm, new_outs)
+    gm.meta["sparsecc_updates"] = updates
+    result.counts["updates_fused"] = len(updates)
+    result.counts["nodes_removed"] = eliminate_dead_code(gm)
+    return result

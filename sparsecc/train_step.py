@@ -1,0 +1,270 @@
+"""compile_train_step: forward, loss, backward and optimizer update as one compiled graph.
+
+The whole step is exported as one joint graph (torch._functorch's aot_export_module, all parameters
+as inputs), the training pipeline rewrites it, and the result runs functionally: parameters, buffers,
+batch, lr, step count and optimizer state go in; loss, new buffers, and (new parameter, *new state) per
+trained tensor come out, and are written back in place. Nothing outside the scheme is ever written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_export_module
+from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import analysis, memory
+from .config import Channels, Config, ConfigError
+from .graph import call, output_values, set_output_values
+from .optim import AdamW, SGD
+from .passes import ParamPlan, Plan
+from .pipeline import TRAIN_STEP_PASSES, readable, run_passes
+from .report import Report, register
+
+
+def call_model(model, inputs):
+    """ARCHITECTURE.md's convention: a tuple is positional arguments, a dict keywords, anything else one input."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+class _LossModule(torch.nn.Module):
+    """loss_fn(model(x), y) over a flat list of tensors, as aot_export_module wants it."""
+
+    def __init__(self, model, loss_fn, spec):
+        super().__init__()
+        self.model, self.loss_fn, self.spec = model, loss_fn, spec
+
+    def forward(self, *leaves):
+        x, y = tree_unflatten(list(leaves), self.spec)
+        loss = self.loss_fn(call_model(self.model, x), y)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(f"loss_fn must return a floating-point scalar tensor, got {shape}; "
+                              f"reduce it, e.g. with .mean()")
+        return (loss,)
+
+
+def _first_alias(name: str, names: list[str], params: dict) -> str:
+    """The first name under which the tensor `name` is exported (tied weights are exported once per name)."""
+    return next(n for n in names if params[n] is params[name])
+
+
+def _merge_tied(joint: fx.GraphModule, names: list[str], grads: list, params: dict) -> list:
+    """Tied weights come out of export as one input per name, each with its share of the gradient.
+    Route every use to the first name's input and give it the summed gradient; the other names get none."""
+    placeholders = joint.graph.find_nodes(op="placeholder")
+    for i, name in enumerate(names):
+        j = names.index(_first_alias(name, names, params))
+        if i == j:
+            continue
+        placeholders[i].replace_all_uses_with(placeholders[j])
+        if grads[i] is not None:
+            with joint.graph.inserting_before(joint.graph.output_node()):
+                grads[j] = grads[i] if grads[j] is None else \
+                    call(joint.graph, torch.ops.aten.add.Tensor, (grads[j], grads[i]), "export")
+            grads[i] = None
+    return grads
+
+
+def _signature(leaves) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves)
+
+
+@dataclass
+class _Compiled:
+    fn: object                       # the compiled graph, called on the flat input list
+    updates: list[tuple[str, tuple]]  # (parameter name, trained shape) per update, in output order
+    report: Report
+
+
+class TrainStep:
+    """A compiled training step. step(x, y) trains in place and returns the loss."""
+
+    def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs):
+        self.model, self.loss_fn, self.optimizer, self.config, self.rules = model, loss_fn, optimizer, config, rules
+        self.params = dict(model.named_parameters(remove_duplicate=False))   # tied weights under every name
+        self.buffers = dict(model.named_buffers())
+        self.indices = {n: r.indices(self.params[n]) for n, r in rules.items()
+                        if isinstance(r, Channels) and n in self.params}
+        device = next(iter(self.params.values())).device
+        self._lr = torch.tensor(float(optimizer.lr), device=device)
+        self._step = torch.tensor(0.0, device=device)
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self._compiled: dict[tuple, _Compiled] = {}
+        self.compilations = 0
+        self._get(*example_inputs)
+
+    # ---- compilation -------------------------------------------------------------------------------
+    def _get(self, x, y) -> tuple[_Compiled, list[torch.Tensor]]:
+        leaves, spec = tree_flatten((x, y))
+        bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)]
+        if bad:
+            raise ConfigError(f"train step inputs must be tensors (in tuples/dicts); found {bad}")
+        key = (spec, _signature(leaves))
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(leaves, spec)
+            self.compilations += 1
+        return self._compiled[key], leaves
+
+    def _export(self, leaves, spec) -> tuple[fx.GraphModule, Plan]:
+        wrapper = _LossModule(self.model, self.loss_fn, spec)
+        saved = {p: p.requires_grad for p in self.params.values()}
+        try:
+            for p in self.params.values():
+                p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
+            with torch.enable_grad():      # a recompile can start inside the no_grad step
+                joint, sig = aot_export_module(wrapper, leaves, trace_joint=True, output_loss_index=0,
+                                               decompositions=select_decomp_table())
+        finally:
+            for p, flag in saved.items():
+                p.requires_grad_(flag)
+        mode = FakeTensorMode()       # one fake mode for every node, as the passes expect
+        inputs = [self.params[n.removeprefix("model.")] for n in sig.parameters]
+        inputs += [self.buffers[n.removeprefix("model.")] for n in sig.buffers] + list(leaves)
+        FakeTensorProp(joint, mode).propagate(*[mode.from_tensor(t.detach()) for t in inputs])
+        outs = output_values(joint)
+        n_fwd = len(sig.buffers_to_mutate) + len(sig.user_outputs)
+        by_name = {n.name: n for n in outs[n_fwd:]}
+        grad_of = {param: by_name[node] for node, param in sig.backward_signature.gradients_to_parameters.items()}
+        names = [name.removeprefix("model.") for name in sig.parameters]
+        grads = _merge_tied(joint, names, [grad_of.get(f"model.{n}") for n in names], self.params)
+        set_output_values(joint, outs[:n_fwd] + grads)
+        plans = tuple(ParamPlan(n, i, self.rules[n] if i == names.index(_first_alias(n, names, self.params)) else "frozen",
+                                tuple(self.params[n].shape), self.indices.get(n))
+                      for i, n in enumerate(names))
+        self._mutated = [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()]
+        self._buffer_names = [b.removeprefix("model.") for b in sig.buffers]
+        self._param_names = names
+        return joint, Plan(plans, n_fwd, self.optimizer)
+
+    def _compile(self, leaves, spec) -> _Compiled:
+        joint, plan = self._export(leaves, spec)
+        before = analysis.split_flops(joint, plan.num_fwd_outputs)
+        results, graphs = run_passes(joint, plan, TRAIN_STEP_PASSES)
+        updates = joint.meta["sparsecc_updates"]
+        timeline = memory.liveness(joint)
+        report = Report(graphs=graphs, passes=results,
+                        params=[(p.name, p.rule if isinstance(p.rule, str) else repr(p.rule), p.shape) for p in plan.params],
+                        timeline=timeline)
+        after = analysis.split_flops(joint, plan.num_fwd_outputs)
+        report.graphs["train_step/final"] = readable(joint)
+        report.stats = {
+            "backward_flops_before": before[1], "backward_flops_after": after[1],
+            "forward_flops": after[0], "peak_bytes_estimate": timeline.peak,
+            **{k: sum(r.counts.get(k, 0) for r in results) for k in ("grads_pruned", "grads_sliced", "nodes_removed", "updates_fused")},
+        }
+        register(report)
+        self._report = report
+        for name, shape in updates:
+            self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
+                                                        device=self.params[name].device)
+                                         for s in self.optimizer.state_names})
+        example = self._inputs(leaves, updates)
+        if self.config.executor == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+            with torch.no_grad():
+                fn = compile_fx(joint, example)
+        else:
+            fn = joint.forward
+        return _Compiled(fn, updates, report)
+
+    # ---- running -----------------------------------------------------------------------------------
+    def _inputs(self, leaves, updates) -> list[torch.Tensor]:
+        args = [self.params[n].detach() for n in self._param_names]
+        args += [self.buffers[n] for n in self._buffer_names]
+        args += [*leaves, self._lr, self._step]
+        args += [self.state[name][s] for name, _ in updates for s in self.optimizer.state_names]
+        return args
+
+    @torch.no_grad()
+    def __call__(self, x, y) -> torch.Tensor:
+        compiled, leaves = self._get(x, y)
+        self._step += 1
+        outs = compiled.fn(*self._inputs(leaves, compiled.updates))
+        n_mut = len(self._mutated)
+        for name, value in zip(self._mutated, outs[:n_mut]):
+            self.buffers[name].copy_(value)
+        loss = outs[n_mut]
+        it = iter(outs[n_mut + 1:])
+        for name, _ in compiled.updates:
+            self._write(name, next(it))
+            for s in self.optimizer.state_names:
+                self.state[name][s] = next(it)
+        return loss
+
+    def _write(self, name: str, new: torch.Tensor) -> None:
+        p, rule = self.params[name].data, self.rules[name]
+        if not isinstance(rule, Channels):
+            p.copy_(new)
+        elif name in self.indices and self.indices[name] is not None:
+            p.index_copy_(rule.axis, self.indices[name], new)
+        else:
+            p.narrow(rule.axis, 0, new.shape[rule.axis]).copy_(new)
+
+    @property
+    def report(self) -> Report:
+        """The report of the most recent compilation."""
+        return self._report
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate; the graph reads it as an input, so nothing recompiles."""
+        type(self.optimizer)(**{**self.optimizer.__dict__, "lr": lr})   # validates
+        self._lr.fill_(float(lr))
+
+    def measure_memory(self, x, y) -> int:
+        """Run one real training step and return its measured peak bytes above what was live before;
+        also recorded in the report as stats['peak_bytes_measured']."""
+        peak = memory.measure_peak(lambda: self(x, y))
+        self._get(x, y)[0].report.stats["peak_bytes_measured"] = peak
+        return peak
+
+    def state_dict(self) -> dict:
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": {f"{n}/{s}": t.clone() for n, st in self.state.items() for s, t in st.items()},
+                "channels": {n: i.clone() for n, i in self.indices.items() if i is not None},
+                "step": int(self._step.item()), "lr": float(self._lr.item())}
+
+    def load_state_dict(self, state: dict) -> None:
+        own = self.state_dict()
+        for section in ("model", "optimizer"):
+            missing = set(own[section]) ^ set(state.get(section, {}))
+            if missing:
+                raise ConfigError(f"state_dict {section} keys differ: {sorted(missing)[:5]}")
+            for k, v in state[section].items():
+                if tuple(v.shape) != tuple(own[section][k].shape):
+                    raise ConfigError(f"state_dict {section} entry {k!r} has shape {tuple(v.shape)}, "
+                                      f"expected {tuple(own[section][k].shape)}")
+        channels = state.get("channels", {})
+        if set(channels) != set(own["channels"]):
+            raise ConfigError(f"state_dict channels are for {sorted(channels)}, this step selects {sorted(own['channels'])}")
+        if any(not torch.equal(v, own["channels"][n]) for n, v in channels.items()):
+            self.indices.update({n: v.clone() for n, v in channels.items()})
+            self._compiled.clear()      # the chosen channels are constants of the graph: recompile on next call
+        self.model.load_state_dict(state["model"])
+        for key, v in state["optimizer"].items():
+            name, s = key.split("/")
+            self.state[name][s] = v.clone()
+        self._step.fill_(float(state["step"]))
+        self.set_lr(state["lr"])
+
+
+def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs, executor="inductor") -> TrainStep:
+    """Compile forward + loss + backward + optimizer update of model into one step.
+
+    loss_fn(model_output, y) must return a scalar tensor. example_inputs is (x, y); x is a tensor, a
+    tuple of positional inputs or a dict of keyword inputs."""
+    if not isinstance(optimizer, (SGD, AdamW)):
+        raise ConfigError(f"optimizer must be sparsecc.SGD or sparsecc.AdamW, got {type(optimizer).__name__}")
+    if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
+        raise ConfigError("example_inputs must be a pair (x, y): the model's input(s) and the loss target")
+    config = Config(update=update, executor=executor)
+    rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
+    return TrainStep(model, loss_fn, optimizer, config, rules, tuple(example_inputs))

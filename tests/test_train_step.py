@@ -1,0 +1,232 @@
+"""compile_train_step: K steps equal K steps of torch.optim on the reference gradients, frozen parts restored."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+from models import make
+
+C = sparsecc.Channels
+US = sparsecc.UpdateScheme
+
+
+def data(model_name):
+    """(x, y, loss_fn) for a model."""
+    model, (x,) = make(model_name)
+    g = torch.Generator().manual_seed(1)
+    if model_name == "mlp":
+        return x, torch.randn(x.shape[0], 6, generator=g), lambda out, y: F.mse_loss(out, y)
+    if model_name == "convnet":
+        return x, torch.randint(0, 5, (x.shape[0],), generator=g), F.cross_entropy
+    return x, torch.randint(0, 40, x.shape, generator=g), lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+SCHEMES = {
+    "mlp": {"full": US.full(), "bias_only": US({"*.bias": "full"}),
+            "channels": US({"fc2.weight": C(0.25), "fc1.weight": C(0.5, dim="out", select="magnitude")}),
+            "mixed": US({"fc1.bias": "full", "fc2.weight": C(0.25), "fc3.*": "full"})},
+    # pw.bias feeds a BatchNorm, so its true gradient is 0: Adam would only normalise rounding noise
+    "convnet": {"full": US.full(), "bias_only": US({"bn*.bias": "full", "head.bias": "full"}),
+                "channels": US({"pw.weight": C(0.25), "stem.weight": C(0.5, dim="out")}),
+                "mixed": US({"bn3.*": "full", "pw.weight": C(0.5, select="magnitude"), "head.*": "full"})},
+    # attention's key bias shifts every logit of a query equally: its true gradient is 0 too
+    "transformer": {"full": US.full(), "bias_only": US({"blocks.*.k.bias": "frozen", "blocks.*.bias": "full"}),
+                    "channels": US({"blocks.*.mlp.fc1.weight": C(0.25), "blocks.2.attn.proj.weight": C(0.5, dim="out")}),
+                    "mixed": US({"blocks.*.k.bias": "frozen", "blocks.2.*.bias": "full", "blocks.2.mlp.fc2.weight": C(0.25), "ln_f.*": "full",
+                                 "blocks.1.attn.v.weight": C(0.25, select="magnitude")})},
+}
+OPTIMIZERS = {
+    "sgd": (sparsecc.SGD(lr=0.05), lambda ps: torch.optim.SGD(ps, lr=0.05)),
+    "sgd_momentum_wd": (sparsecc.SGD(lr=0.05, momentum=0.9, weight_decay=0.01),
+                        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01)),
+    "sgd_nesterov": (sparsecc.SGD(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.001),
+                     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.001)),
+    "adamw": (sparsecc.AdamW(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+              lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)),
+}
+
+
+def reference_steps(model, x, y, loss_fn, scheme, make_opt, k):
+    """torch.optim on the reference gradients; after each step every frozen part is put back."""
+    rules = scheme.resolve(dict(model.named_parameters()))
+    trained = [p for n, p in model.named_parameters() if rules[n] != "frozen"]
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    keep = {}
+    for n, p in model.named_parameters():
+        rule = rules[n]
+        if isinstance(rule, sparsecc.Channels):
+            mask = torch.zeros(p.shape[rule.axis], dtype=torch.bool)
+            idx = rule.indices(p)
+            mask[idx if idx is not None else slice(0, rule.count(p.shape[rule.axis]))] = True
+            shape = [1] * p.dim()
+            shape[rule.axis] = -1
+            keep[n] = mask.view(shape).expand_as(p)
+    opt = make_opt(trained)
+    losses = []
+    for _ in range(k):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        for n, p in model.named_parameters():
+            if n in keep:
+                p.grad *= keep[n]
+        opt.step()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in keep:
+                    p.copy_(torch.where(keep[n], p, original[n]))
+        losses.append(loss.detach())
+    return losses
+
+
+def run_and_compare(model_name, scheme_name, opt_name, executor, k=3):
+    model, _ = make(model_name)
+    x, y, loss_fn = data(model_name)
+    scheme = SCHEMES[model_name][scheme_name]
+    ours, theirs = OPTIMIZERS[opt_name]
+    ref = copy.deepcopy(model)
+    ref_losses = reference_steps(ref, x, y, loss_fn, scheme, theirs, k)
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=ours, update=scheme, example_inputs=(x, y),
+                                       executor=executor)
+    losses = [step(x, y) for _ in range(k)]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    return step
+
+
+CASES = [(m, s, o) for m in SCHEMES for s, o in zip(SCHEMES[m], ["sgd_momentum_wd", "adamw", "sgd_nesterov", "sgd"])]
+CASES += [("transformer", "mixed", "adamw"), ("convnet", "channels", "adamw"), ("mlp", "channels", "sgd_momentum_wd")]
+
+
+@pytest.mark.parametrize("model_name,scheme_name,opt_name", CASES)
+def test_k_steps_match_torch_optim(model_name, scheme_name, opt_name):
+    run_and_compare(model_name, scheme_name, opt_name, "eager")
+
+
+@pytest.mark.parametrize("model_name,scheme_name,opt_name", [("transformer", "mixed", "adamw"),
+                                                             ("convnet", "mixed", "sgd_momentum_wd")])
+def test_k_steps_match_torch_optim_inductor(model_name, scheme_name, opt_name):
+    run_and_compare(model_name, scheme_name, opt_name, "inductor")
+
+
+def test_optimizer_state_only_for_the_trained_slice():
+    step = run_and_compare("mlp", "channels", "adamw", "eager", k=1)
+    assert step.state["fc2.weight"]["exp_avg"].shape == (32, 8)       # Channels(0.25) of 32 input channels
+    assert step.state["fc1.weight"]["exp_avg_sq"].shape == (16, 12)   # Channels(0.5, dim="out") of 32 rows
+    assert set(step.state) == {"fc1.weight", "fc2.weight"}
+
+
+def test_every_update_sits_right_after_its_gradient_and_no_full_channels_gradient():
+    model, _ = make("mlp")
+    x, y, loss_fn = data("mlp")
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(lr=0.1, momentum=0.9),
+                                       update=SCHEMES["mlp"]["mixed"], example_inputs=(x, y), executor="eager")
+    code = step.report.graphs["joint/after fuse_optimizer"]
+    assert "constant_pad_nd" not in code and "index_put" not in code      # no padded full-size gradient
+    assert '"f32[32, 32]" = torch.ops.aten.mm' not in code                  # fc2's weight gradient GEMM is [32, 8]
+    lines = [l.strip() for l in code.splitlines() if " = torch.ops." in l]
+    names = [l.split(":")[0] for l in lines]
+    for i, line in enumerate(lines):
+        if "momentum_buffer_" in line and "aten.mul.Tensor" in line:       # buf * momentum starts an update
+            window = " ".join(lines[max(0, i - 6):i])
+            grad = next(n for n in reversed(names[:i]) if n in window)
+            assert grad, line
+    assert step.report.stats["updates_fused"] == 4
+
+
+def test_set_lr_changes_the_update_without_recompiling():
+    model, _ = make("mlp")
+    x, y, loss_fn = data("mlp")
+    twin = copy.deepcopy(model)
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(lr=0.1), update=US.full(),
+                                       example_inputs=(x, y), executor="eager")
+    step(x, y)
+    step.set_lr(0.0)
+    frozen_now = copy.deepcopy(model.state_dict())
+    step(x, y)
+    assert all(torch.equal(v, frozen_now[k]) for k, v in model.state_dict().items())
+    step.set_lr(0.3)
+    step(x, y)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for lr in (0.1, 0.0, 0.3):
+        for group in ref.param_groups:
+            group["lr"] = lr
+        ref.zero_grad()
+        loss_fn(twin(x), y).backward()
+        ref.step()
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert step.compilations == 1
+
+
+def test_new_input_shape_recompiles_and_stays_exact():
+    model, _ = make("mlp")
+    x, y, loss_fn = data("mlp")
+    twin = copy.deepcopy(model)
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(lr=0.1), update=US({"fc3.*": "full"}),
+                                       example_inputs=(x, y), executor="eager")
+    x2, y2 = x[:3], y[:3]
+    step(x2, y2)
+    assert step.compilations == 2
+    reference_steps(twin, x2, y2, loss_fn, US({"fc3.*": "full"}), lambda ps: torch.optim.SGD(ps, lr=0.1), 1)
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_state_dict_round_trip():
+    model, _ = make("convnet")
+    x, y, loss_fn = data("convnet")
+    scheme = SCHEMES["convnet"]["mixed"]
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.AdamW(lr=1e-2), update=scheme,
+                                       example_inputs=(x, y), executor="eager")
+    step(x, y)
+    saved = step.state_dict()
+    a = [step(x, y) for _ in range(2)]
+    model2, _ = make("convnet", seed=5)
+    step2 = sparsecc.compile_train_step(model2, loss_fn, optimizer=sparsecc.AdamW(lr=1e-2), update=scheme,
+                                        example_inputs=(x, y), executor="eager")
+    step2.load_state_dict(saved)
+    b = [step2(x, y) for _ in range(2)]
+    torch.testing.assert_close(torch.stack(a), torch.stack(b))
+    for (k, v1), (_, v2) in zip(model.state_dict().items(), model2.state_dict().items()):
+        torch.testing.assert_close(v1, v2, msg=k)
+
+
+def test_memory_model_and_measurement(tmp_path):
+    model, _ = make("transformer")
+    x, y, loss_fn = data("transformer")
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(lr=0.1),
+                                       update=SCHEMES["transformer"]["mixed"], example_inputs=(x, y), executor="eager")
+    report = step.report
+    assert report.timeline.peak == report.stats["peak_bytes_estimate"] > 0
+    reorder = next(p for p in report.passes if p.name == "reorder_for_memory")
+    assert reorder.counts["peak_bytes_after"] <= reorder.counts["peak_bytes_before"]
+    measured = step.measure_memory(x, y)
+    assert measured > 0 and report.stats["peak_bytes_measured"] == measured
+    assert "measured" in str(report)
+    assert "<svg" in report.save_html(tmp_path / "r.html").read_text()
+
+
+def test_bad_inputs():
+    model, _ = make("mlp")
+    x, y, loss_fn = data("mlp")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(sparsecc.ConfigError, match="lr"):
+        sparsecc.SGD(lr=-1.0)
+    with pytest.raises(sparsecc.ConfigError, match="betas"):
+        sparsecc.AdamW(lr=1e-3, betas=(0.9, 1.5))
+    with pytest.raises(sparsecc.ConfigError, match="scalar"):
+        sparsecc.compile_train_step(model, lambda out, y: (out - y).square(), optimizer=sparsecc.SGD(lr=0.1),
+                                    example_inputs=(x, y), executor="eager")
+    with pytest.raises(sparsecc.ConfigError, match="optimizer must be"):
+        sparsecc.compile_train_step(model, loss_fn, optimizer=torch.optim.SGD, example_inputs=(x, y))
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(lr=0.1), example_inputs=(x, y),
+                                       executor="eager")
+    with pytest.raises(sparsecc.ConfigError, match="lr"):
+        step.set_lr(-0.5)
+    with pytest.raises(sparsecc.ConfigError, match="tensors"):
+        step(x, [1, 2, 3])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
