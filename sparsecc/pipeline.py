@@ -7,6 +7,7 @@ from .graph import output_values
 from .passes import PassResult, Plan
 from .passes.fuse_optimizer import fuse_optimizer
 from .passes.prune_backward import prune_backward
+from .passes.rematerialize import rematerialize
 from .passes.reorder_for_memory import reorder_for_memory
 from .passes.subtensor_grads import subtensor_grads
 
@@ -15,6 +16,7 @@ PASSES = [
     subtensor_grads,     # Channels rules: weight gradients for the selected channels only
 ]
 TRAIN_STEP_PASSES = PASSES + [
+    rematerialize,       # min-cut choice of what backward keeps vs recomputes, in one graph
     fuse_optimizer,      # each update right after its gradient; gradients become new params + state
     reorder_for_memory,  # schedule the whole step for a lower peak of live bytes
 ]

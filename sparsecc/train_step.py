@@ -81,6 +81,7 @@ def _signature(leaves) -> tuple:
 @dataclass
 class _Compiled:
     fn: object                       # the compiled graph, called on the flat input list
+    graph: fx.GraphModule            # the training-step graph the passes produced (what fn runs)
     updates: list[tuple[str, tuple]]  # (parameter name, trained shape) per update, in output order
     report: Report
 
@@ -162,7 +163,7 @@ class TrainStep:
             **{k: sum(r.counts.get(k, 0) for r in results) for k in ("grads_pruned", "grads_sliced", "nodes_removed", "updates_fused")},
         }
         register(report)
-        self._report = report
+        self._report, self._report_graph = report, joint
         for name, shape in updates:
             self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
                                                         device=self.params[name].device)
@@ -174,7 +175,7 @@ class TrainStep:
                 fn = compile_fx(joint, example)
         else:
             fn = joint.forward
-        return _Compiled(fn, updates, report)
+        return _Compiled(fn, joint, updates, report)
 
     # ---- running -----------------------------------------------------------------------------------
     def _inputs(self, leaves, updates) -> list[torch.Tensor]:
@@ -208,6 +209,11 @@ class TrainStep:
             p.index_copy_(rule.axis, self.indices[name], new)
         else:
             p.narrow(rule.axis, 0, new.shape[rule.axis]).copy_(new)
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        """The training-step graph of the most recent compilation."""
+        return self._report_graph
 
     @property
     def report(self) -> Report:

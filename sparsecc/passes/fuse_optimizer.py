@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 
 from ..config import Channels
 from ..graph import call, inline, output_values, set_output_values
@@ -40,7 +41,9 @@ def _trained_part(gm: fx.GraphModule, grad: fx.Node, param: fx.Node, p: ParamPla
     else:                                                     # index_put(zeros, [.., index], part)
         part, index = grad.args[2], grad.args[1][axis]
         target, args = aten.index.Tensor, (param, [None] * axis + [index])
-    with gm.graph.inserting_after(part):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    after = max([part] + [a for a in tree_leaves(args) if isinstance(a, fx.Node)], key=order.__getitem__)
+    with gm.graph.inserting_after(after):
         return part, call(gm.graph, target, args, NAME)
 
 
