@@ -14,11 +14,8 @@ usage: python benchmarks/bench_sparse_update.py [--rounds 20] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import sparsecc  # noqa: E402
+from common import cli, interleaved_medians  # noqa: E402
 from models import ConvNet, Transformer  # noqa: E402
 
 C = sparsecc.Channels
@@ -112,26 +110,8 @@ def step(fn, opt, inputs):
     opt.step()
 
 
-def measure(variants, inputs, rounds):
-    for _, fn, opt, _ in variants.values():          # warm up (and compile) every variant
-        for _ in range(3):
-            step(fn, opt, inputs)
-    times = {k: [] for k in variants}
-    for _ in range(rounds):                           # interleaved, so drift hits every variant alike
-        for k, (_, fn, opt, _) in variants.items():
-            t0 = time.perf_counter()
-            step(fn, opt, inputs)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, not a measurement)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} interleaved steps")
+    args = cli(__doc__, rounds=20)
     header = f"{'model':12}{'variant':17}{'step ms':>9}{'vs full':>9}{'bwd GFLOP':>11}{'vs full':>9}{'saved MB':>10}{'vs full':>9}"
     print(header)
     print("-" * len(header))
@@ -139,7 +119,8 @@ def main():
         name, model, inputs, scheme = case(args.quick)
         print(f"[{name}] compiling ...", file=sys.stderr, flush=True)
         variants = make_variants(model, inputs, scheme)
-        times = measure(variants, inputs, args.rounds)
+        times = interleaved_medians({k: (lambda fn=fn, opt=opt: step(fn, opt, inputs))
+                                     for k, (_, fn, opt, _) in variants.items()}, args.rounds)
         full_t = times["eager-full"]
         full_f, full_b = variants["eager-full"][3]
         for k, (_, _, _, (flops, saved)) in variants.items():

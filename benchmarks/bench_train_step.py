@@ -14,17 +14,15 @@ usage: python benchmarks/bench_train_step.py [--rounds 15] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import sparsecc
 from bench_sparse_update import convnet_case, layer_freeze, transformer_case
+from common import cli, interleaved_medians
 from sparsecc.memory import measure_peak
 
 LR = 1e-3
@@ -99,12 +97,7 @@ def variants(name, model, inputs, scheme, loss_fn, y):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, not a measurement)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; AdamW; medians of {args.rounds} interleaved steps")
+    args = cli(__doc__, rounds=15)
     header = (f"{'model':12}{'variant':18}{'step ms':>9}{'speed-up':>9}{'opt state MB':>13}{'step peak MB':>13}"
               f"{'train mem MB':>13}{'vs full':>8}")
     print(header)
@@ -115,15 +108,7 @@ def main():
         x = inputs[0]
         print(f"[{name}] compiling ...", file=sys.stderr, flush=True)
         steps = variants(name, model, inputs, scheme, loss_fn, y)
-        for s in steps.values():
-            for _ in range(3):
-                s(x, y)
-        times = {k: [] for k in steps}
-        for _ in range(args.rounds):
-            for k, s in steps.items():
-                t0 = time.perf_counter()
-                s(x, y)
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_medians({k: (lambda s=s: s(x, y)) for k, s in steps.items()}, args.rounds)
         rows = {}
         for k, s in steps.items():
             if k == "sparsecc":
@@ -132,7 +117,7 @@ def main():
                 if isinstance(s, EagerStep):
                     s.opt.zero_grad(set_to_none=True)
                 peak, state = measure_peak(lambda: s(x, y)), state_bytes(s.state())
-            rows[k] = (statistics.median(times[k]), state, peak)
+            rows[k] = (times[k], state, peak)
         full_t, full_s, full_p = rows["eager-full"]
         for k, (t, state, peak) in rows.items():
             total = state + peak

@@ -12,21 +12,14 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from . import analysis
-from .config import Channels, Config
+from .config import Channels, Config, rule_name
 from .graph import clone_graph_module, dynamo_parameters, dynamo_root_module
 from .passes import ParamPlan, Plan
-from .pipeline import readable, run_passes
+from .pipeline import readable, run_passes, totals
 from .report import Report, register
-
-aten = torch.ops.aten
-
 
 class UnsupportedGraphError(RuntimeError):
     """The captured graph does not have the shape sparsecc relies on; nothing was compiled."""
-
-
-def _rule_name(rule) -> str:
-    return rule if isinstance(rule, str) else repr(rule)
 
 
 class SparseccPartitioner(CustomPartitionerFn):
@@ -36,10 +29,9 @@ class SparseccPartitioner(CustomPartitionerFn):
         self.params = params          # Dynamo input index -> (name, parameter, rule)
         self.indices = {i: r.indices(p) for i, (_, p, r) in params.items() if isinstance(r, Channels)}
         self.n_inputs = n_inputs
-        self.report: Report | None = None
 
     def uuid(self):
-        key = repr(sorted((i, n, tuple(p.shape), _rule_name(r)) for i, (n, p, r) in self.params.items()))
+        key = repr(sorted((i, n, tuple(p.shape), rule_name(r)) for i, (n, p, r) in self.params.items()))
         return hashlib.sha256(key.encode()).hexdigest()
 
     def plan(self, joint: fx.GraphModule, num_fwd_outputs: int) -> Plan:
@@ -63,18 +55,15 @@ class SparseccPartitioner(CustomPartitionerFn):
         fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
         n_out = plan.num_fwd_outputs
         report = Report(graphs=graphs, passes=results,
-                        params=[(p.name, _rule_name(p.rule), p.shape) for p in plan.params])
+                        params=[(p.name, rule_name(p.rule), p.shape) for p in plan.params])
         report.graphs.update({"forward/before": readable(fw0), "backward/before": readable(bw0),
                               "forward/after": readable(fw), "backward/after": readable(bw)})
         report.stats = {
             "backward_flops_before": analysis.graph_flops(bw0), "backward_flops_after": analysis.graph_flops(bw),
             "saved_bytes_before": analysis.saved_bytes(fw0, n_out), "saved_bytes_after": analysis.saved_bytes(fw, n_out),
             "backward_nodes_before": len(bw0.graph.nodes), "backward_nodes_after": len(bw.graph.nodes),
-            "grads_pruned": sum(r.counts.get("grads_pruned", 0) for r in results),
-            "grads_sliced": sum(r.counts.get("grads_sliced", 0) for r in results),
-            "nodes_removed": sum(r.counts.get("nodes_removed", 0) for r in results),
+            **totals(results, "grads_pruned", "grads_sliced", "nodes_removed"),
         }
-        self.report = report
         register(report)
         return fw, bw
 

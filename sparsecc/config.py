@@ -69,6 +69,10 @@ class Channels:
 
 
 Rule = Union[str, Channels]  # "full" | "frozen" | Channels
+
+
+def rule_name(rule: Rule) -> str:
+    return rule if isinstance(rule, str) else repr(rule)
 _WORD_RULES = ("full", "frozen")
 
 

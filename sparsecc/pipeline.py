@@ -56,6 +56,11 @@ def verify(gm: fx.GraphModule, plan: Plan, n_outputs: int, pass_name: str) -> No
                 f"after pass {pass_name}: gradient of {p.name} has shape {tuple(grad.meta['val'].shape)}, expected {p.shape}")
 
 
+def totals(results: list[PassResult], *keys: str) -> dict[str, int]:
+    """The sum over passes of each named count."""
+    return {k: sum(r.counts.get(k, 0) for r in results) for k in keys}
+
+
 def run_passes(joint: fx.GraphModule, plan: Plan, passes=PASSES) -> tuple[list[PassResult], dict[str, str]]:
     """Rewrite the joint graph in place; return each pass's result and the graph's code after it."""
     graphs = {"joint/input": readable(joint)}

@@ -23,6 +23,16 @@ def loss_of(out):
     return logits(out).float().square().mean()
 
 
+def channel_mask(p, rule):
+    """True on the channels a Channels rule trains, broadcast to p's shape."""
+    keep = torch.zeros(p.shape[rule.axis], dtype=torch.bool)
+    idx = rule.indices(p)
+    keep[idx if idx is not None else slice(0, rule.count(p.shape[rule.axis]))] = True
+    shape = [1] * p.dim()
+    shape[rule.axis] = -1
+    return keep.view(shape).expand_as(p)
+
+
 def reference_grads(model, inputs, scheme):
     """ARCHITECTURE.md's reference: eager full backward; frozen -> None; Channels -> zero outside the slice."""
     model.zero_grad(set_to_none=True)
@@ -35,15 +45,7 @@ def reference_grads(model, inputs, scheme):
         if rule == "frozen":
             grads[name] = None
             continue
-        g = p.grad.clone()
-        if isinstance(rule, sparsecc.Channels):
-            keep = torch.zeros(p.shape[rule.axis], dtype=torch.bool)
-            idx = rule.indices(p)
-            keep[idx if idx is not None else slice(0, rule.count(p.shape[rule.axis]))] = True
-            shape = [1] * p.dim()
-            shape[rule.axis] = -1
-            g = g * keep.view(shape)
-        grads[name] = g
+        grads[name] = p.grad * channel_mask(p, rule) if isinstance(rule, sparsecc.Channels) else p.grad.clone()
     return loss.detach(), grads
 
 

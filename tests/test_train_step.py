@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsecc
+from conftest import channel_mask
 from models import make
 
 C = sparsecc.Channels
@@ -53,16 +54,7 @@ def reference_steps(model, x, y, loss_fn, scheme, make_opt, k):
     rules = scheme.resolve(dict(model.named_parameters()))
     trained = [p for n, p in model.named_parameters() if rules[n] != "frozen"]
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    keep = {}
-    for n, p in model.named_parameters():
-        rule = rules[n]
-        if isinstance(rule, sparsecc.Channels):
-            mask = torch.zeros(p.shape[rule.axis], dtype=torch.bool)
-            idx = rule.indices(p)
-            mask[idx if idx is not None else slice(0, rule.count(p.shape[rule.axis]))] = True
-            shape = [1] * p.dim()
-            shape[rule.axis] = -1
-            keep[n] = mask.view(shape).expand_as(p)
+    keep = {n: channel_mask(p, rules[n]) for n, p in model.named_parameters() if isinstance(rules[n], sparsecc.Channels)}
     opt = make_opt(trained)
     losses = []
     for _ in range(k):
