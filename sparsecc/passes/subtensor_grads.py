@@ -43,7 +43,7 @@ class _Selector:
 
     def contraction(self, x: fx.Node, target, args, kwargs=None) -> fx.Node:
         """Emit the k-channel version of the contraction x (a GEMM, convolution or scatter)."""
-        self.sliced.append(f"{x.name} ({x.target})")
+        self.sliced.append(f"{x.name} ({target})")
         return self.emit_after(x, target, args, kwargs)
 
     def take(self, x: fx.Node, dim: int, after: fx.Node) -> fx.Node:
