@@ -259,3 +259,33 @@ def test_bad_inputs():
     with pytest.raises(sparsecc.ConfigError, match="tensors"):
         step(x, [1, 2, 3])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_transformers_llama_with_keyword_inputs():
+    """A transformers model called with a dict of keywords; loss_fn receives its output object."""
+    model, (ids,) = make("llama")
+    y = torch.randint(0, 64, ids.shape, generator=torch.Generator().manual_seed(2))
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+
+    scheme = US({"model.layers.1.*norm.weight": "full", "model.layers.1.mlp.*_proj.weight": C(0.25),
+                 "lm_head.weight": C(0.5, select="magnitude")})
+    ref = copy.deepcopy(model)
+
+    class Keywords(torch.nn.Module):      # the reference calls model(input_ids=...) too
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(input_ids=ids)
+
+    ref_losses = reference_steps(Keywords(ref), ids, y, loss_fn, US({f"inner.{k}": v for k, v in scheme.rules.items()}),
+                                 lambda ps: torch.optim.AdamW(ps, lr=1e-2), 2)
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.AdamW(lr=1e-2), update=scheme,
+                                       example_inputs=({"input_ids": ids}, y), executor="eager")
+    losses = [step({"input_ids": ids}, y) for _ in range(2)]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
