@@ -1,8 +1,8 @@
 """Where training memory goes: a liveness model of a graph, and a measurement of a real step.
 
 The model walks the graph in execution order: a node's output is allocated when it runs and freed after
-its last use; views (ops whose schema says the result aliases an input) and getitem share their base's
-storage; graph inputs are resident and not counted; graph outputs stay live to the end.
+its last use; views, in-place writes (ops whose schema says the result aliases an input) and getitem share
+their base's storage; graph inputs are resident and not counted; graph outputs stay live to the end.
 """
 from __future__ import annotations
 
@@ -25,19 +25,26 @@ class Timeline:
         return max(self.live_bytes, default=0)
 
 
-def _aliases_input(node: fx.Node) -> bool:
+def aliases_input(node: fx.Node) -> bool:
+    """Whether node's result shares its first input's storage (a view, getitem, or an in-place write)."""
     if node.target is operator.getitem:
         return True
     schema = getattr(node.target, "_schema", None)
-    return bool(schema and schema.returns and schema.returns[0].alias_info is not None
-                and not schema.returns[0].alias_info.is_write)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
+
+
+def writes_input(node: fx.Node) -> bool:
+    """Whether node mutates its first input in place (copy_, index_put_)."""
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.arguments and schema.arguments[0].alias_info is not None
+                and schema.arguments[0].alias_info.is_write)
 
 
 def storage_roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     """Each node -> the node that allocated the storage it lives in."""
     root: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
-        base = node.args[0] if node.op == "call_function" and _aliases_input(node) and node.args else None
+        base = node.args[0] if node.op == "call_function" and aliases_input(node) and node.args else None
         root[node] = root.get(base, base) if isinstance(base, fx.Node) else node
     return root
 

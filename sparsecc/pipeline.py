@@ -36,7 +36,7 @@ def readable(gm: fx.GraphModule) -> str:
 def verify(gm: fx.GraphModule, plan: Plan, n_outputs: int, pass_name: str) -> None:
     """Invariants every pass must keep: a well-formed graph, fake values on every op that returns something,
     the output layout
-    (one gradient per parameter, shaped like it; after fuse_optimizer, new parameter and state per update)."""
+    (one gradient per parameter, shaped like it; after fuse_optimizer, the forward outputs alone)."""
     try:
         gm.graph.lint()
     except Exception as e:  # noqa: BLE001 - re-raised with the pass named
@@ -47,8 +47,8 @@ def verify(gm: fx.GraphModule, plan: Plan, n_outputs: int, pass_name: str) -> No
             raise PassVerificationError(f"after pass {pass_name}: node {node.name} ({node.target}) has no meta['val']")
     outs = output_values(gm)
     updates = gm.meta.get("sparsecc_updates")
-    if updates is not None:
-        n_outputs = plan.num_fwd_outputs + len(updates) * (1 + len(plan.optimizer.state_names))
+    if updates is not None:          # updates are written in place: only the forward outputs remain
+        n_outputs = plan.num_fwd_outputs
     if len(outs) != n_outputs:
         raise PassVerificationError(f"after pass {pass_name}: {len(outs)} outputs, expected {n_outputs}")
     for p in plan.params if updates is None else ():

@@ -1,9 +1,9 @@
 """compile_train_step: forward, loss, backward and optimizer update as one compiled graph.
 
 The whole step is exported as one joint graph (torch._functorch's aot_export_module, all parameters
-as inputs), the training pipeline rewrites it, and the result runs functionally: parameters, buffers,
-batch, lr, step count and optimizer state go in; loss, new buffers, and (new parameter, *new state) per
-trained tensor come out, and are written back in place. Nothing outside the scheme is ever written.
+as inputs), the training pipeline rewrites it, and the result runs on parameters, buffers, batch, lr,
+step count and optimizer state; it updates parameters and state in place and returns the loss and the
+new buffers (copied back here). Nothing outside the scheme is ever written.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def _signature(leaves) -> tuple:
 class _Compiled:
     fn: object                       # the compiled graph, called on the flat input list
     graph: fx.GraphModule            # the training-step graph the passes produced (what fn runs)
-    updates: list[tuple[str, tuple]]  # (parameter name, trained shape) per update, in output order
+    updates: list[tuple[str, tuple]]  # (parameter name, trained shape) per update, in state-input order
     report: Report
 
 
@@ -196,22 +196,7 @@ class TrainStep:
         n_mut = len(self._mutated)
         for name, value in zip(self._mutated, outs[:n_mut]):
             self.buffers[name].copy_(value)
-        loss = outs[n_mut]
-        it = iter(outs[n_mut + 1:])
-        for name, _ in compiled.updates:
-            self._write(name, next(it))
-            for s in self.optimizer.state_names:
-                self.state[name][s] = next(it)
-        return loss
-
-    def _write(self, name: str, new: torch.Tensor) -> None:
-        p, rule = self.params[name].data, self.rules[name]
-        if not isinstance(rule, Channels):
-            p.copy_(new)
-        elif name in self.indices and self.indices[name] is not None:
-            p.index_copy_(rule.axis, self.indices[name], new)
-        else:
-            p.narrow(rule.axis, 0, new.shape[rule.axis]).copy_(new)
+        return outs[n_mut]        # parameters and optimizer state were updated in place by the graph
 
     @property
     def graph(self) -> fx.GraphModule:

@@ -1,10 +1,12 @@
 """fuse_optimizer: put each trained tensor's optimizer update right after its gradient is produced.
 
-The joint graph's gradient outputs become (new parameter, *new optimizer state) outputs, computed by the
-optimizer's own update function traced into the graph. For a Channels rule the update reads the k-channel
-gradient from before subtensor_grads padded it, so no full-size gradient exists and the optimizer state
-has the size of the trained slice. Learning rate and step count are graph inputs (0-d tensors), so a
-schedule never recompiles. Adds placeholders: lr, step, then each update's state in plan order.
+Each gradient output of the joint graph is consumed by the optimizer's own update function, traced into
+the graph, and the new parameter and state are written in place (copy_ / index_put_) right after the last
+node that reads the old value, so neither the gradient nor the new value outlives its update. The graph
+then returns only the forward outputs. For a Channels rule the update reads the k-channel gradient from
+before subtensor_grads padded it, so no full-size gradient exists and the optimizer state has the size
+of the trained slice. Learning rate and step count are graph inputs (0-d tensors), so a schedule never
+recompiles. Adds placeholders: lr, step, then each update's state in plan order.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..config import Channels
 from ..graph import call, inline, output_values, set_output_values
+from ..memory import aliases_input
 from . import ParamPlan, PassResult, Plan
 from .dce import eliminate_dead_code
 
@@ -55,7 +58,7 @@ def fuse_optimizer(gm: fx.GraphModule, plan: Plan) -> PassResult:
     scalar = primals[0].meta["val"].new_empty(())
     lr = _new_input(gm, "lr", scalar, ())
     step = _new_input(gm, "step", scalar, ())
-    new_outs, updates = outs[:plan.num_fwd_outputs], []
+    updates = []
     for p in plan.params:
         grad = outs[plan.grad_position(p)]
         if grad is None:
@@ -63,12 +66,39 @@ def fuse_optimizer(gm: fx.GraphModule, plan: Plan) -> PassResult:
         g, w = _trained_part(gm, grad, primals[p.index], p)
         shape = tuple(g.meta["val"].shape)
         state = [_new_input(gm, f"{name}_{p.name.replace('.', '_')}", g.meta["val"], shape) for name in opt.state_names]
-        new = inline(gm, lambda *args: opt.update(*args), [w, g, lr, step, *state], after=w if w.op != "placeholder" else g, pass_name=NAME)
-        new_outs += new
+        new_p, *new_state = inline(gm, lambda *args: opt.update(*args), [w, g, lr, step, *state],
+                                   after=w if w.op != "placeholder" else g, pass_name=NAME)
+        _write_back(gm, primals[p.index], w, new_p)
+        for old, new in zip(state, new_state):
+            _write_back(gm, old, old, new)
         updates.append((p.name, shape))
-        result.notes.append(f"{p.name}: {type(opt).__name__} update of {list(shape)} right after its gradient")
-    set_output_values(gm, new_outs)
+        result.notes.append(f"{p.name}: {type(opt).__name__} update of {list(shape)} right after its gradient, in place")
+    set_output_values(gm, outs[:plan.num_fwd_outputs])
     gm.meta["sparsecc_updates"] = updates
     result.counts["updates_fused"] = len(updates)
     result.counts["nodes_removed"] = eliminate_dead_code(gm)
     return result
+
+
+def _readers(root: fx.Node) -> set[fx.Node]:
+    """Every node that reads root's storage, directly or through views of it."""
+    seen, stack = set(), [root]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                if aliases_input(user):
+                    stack.append(user)
+    return seen
+
+
+def _write_back(gm: fx.GraphModule, root: fx.Node, dest: fx.Node, value: fx.Node) -> None:
+    """Write value into dest (root itself, a slice view of it, or an index copy of it) in place, placed
+    after the last node that reads root, so nothing sees the updated value too early."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    after = max([value, *_readers(root)], key=order.__getitem__)
+    with gm.graph.inserting_after(after):
+        if dest.target is aten.index.Tensor:               # the magnitude-selected channels
+            call(gm.graph, aten.index_put_.default, (root, dest.args[1], value), NAME)
+        else:                                               # the whole tensor, or its first-k slice view
+            call(gm.graph, aten.copy_.default, (dest, value), NAME)

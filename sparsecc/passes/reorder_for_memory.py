@@ -3,7 +3,8 @@
 Greedy list scheduling over the dependency DAG (networkx): among the nodes whose inputs are ready, run
 the one that frees the most bytes net of what it allocates (Tiny Training's observation: a weight
 gradient that lets an activation die should run before the input gradient that allocates more), keeping
-the original order on ties. Random ops keep their relative order, so results do not change. The new
+the original order on ties. Random ops keep their relative order, and every read of a tensor runs before
+its in-place update (fuse_optimizer's write-back), so results do not change. The new
 order is kept only if the liveness model says its peak is lower.
 """
 from __future__ import annotations
@@ -13,23 +14,28 @@ import torch
 import torch.fx as fx
 
 from ..graph import nbytes
-from ..memory import liveness, storage_roots
+from ..memory import liveness, storage_roots, writes_input
 from . import PassResult, Plan
 
 
-def _dependency_dag(nodes: list[fx.Node]) -> nx.DiGraph:
+def _dependency_dag(gm: fx.GraphModule, nodes: list[fx.Node]) -> nx.DiGraph:
     dag = nx.DiGraph()
     dag.add_nodes_from(nodes)
     members = set(nodes)
     dag.add_edges_from((a, n) for n in nodes for a in n.all_input_nodes if a in members)
     random = [n for n in nodes if torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
     dag.add_edges_from(zip(random, random[1:]))
+    roots = storage_roots(gm)
+    for write in filter(writes_input, nodes):      # every read of the old value runs before the write
+        root = roots[write.args[0]]                 # (acyclic: the graph order already has them before it)
+        dag.add_edges_from((n, write) for n in nodes
+                           if n is not write and any(roots[a] is root for a in n.all_input_nodes))
     return dag
 
 
 def schedule(gm: fx.GraphModule) -> list[fx.Node]:
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    dag = _dependency_dag(nodes)
+    dag = _dependency_dag(gm, nodes)
     roots = storage_roots(gm)
     position = {n: i for i, n in enumerate(nodes)}
     held = {roots[o] for o in gm.graph.output_node().all_input_nodes} | \
