@@ -4,7 +4,9 @@ from .config import Channels, Config, ConfigError, UpdateScheme
 from .explain import explain
 from .optim import SGD, AdamW
 from .report import Report, reports
+from .sparsity import NM, Blocks, Sparsity, Unstructured, sparsify
 from .train_step import TrainStep, compile_train_step
 
-__all__ = ["AdamW", "Channels", "Config", "ConfigError", "Report", "SGD", "TrainStep", "UnsupportedGraphError",
-           "UpdateScheme", "backend", "compile_train_step", "explain", "reports"]
+__all__ = ["AdamW", "Blocks", "Channels", "Config", "ConfigError", "NM", "Report", "SGD", "Sparsity", "TrainStep",
+           "Unstructured", "UnsupportedGraphError", "UpdateScheme", "backend", "compile_train_step", "explain",
+           "reports", "sparsify"]

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A malformed scheme or option. Raised before anything is compiled or modified."""
 
 
-def _closest(word: str, candidates, n: int = 3) -> str:
+def closest(word: str, candidates, n: int = 3) -> str:
     """' Did you mean: a, b?' for the candidates closest to word, or '' when none is close."""
     close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.4)
     return f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
@@ -44,11 +44,11 @@ class Channels:
         if not 0.0 < self.fraction <= 1.0 or math.isnan(self.fraction):
             raise ConfigError(f"Channels fraction must be in (0, 1], got {self.fraction!r}")
         if self.dim not in ("in", "out"):
-            raise ConfigError(f"Channels dim must be 'in' or 'out', got {self.dim!r}.{_closest(str(self.dim), ('in', 'out'))}")
+            raise ConfigError(f"Channels dim must be 'in' or 'out', got {self.dim!r}.{closest(str(self.dim), ('in', 'out'))}")
         if self.select not in ("first", "magnitude"):
             raise ConfigError(
                 f"Channels select must be 'first' or 'magnitude', got {self.select!r}."
-                f"{_closest(str(self.select), ('first', 'magnitude'))}")
+                f"{closest(str(self.select), ('first', 'magnitude'))}")
 
     @property
     def axis(self) -> int:
@@ -93,9 +93,9 @@ class UpdateScheme:
             if not (isinstance(rule, Channels) or rule in _WORD_RULES):
                 raise ConfigError(
                     f"UpdateScheme rule for {pattern!r} must be 'full', 'frozen' or sparsecc.Channels(...), "
-                    f"got {rule!r}.{_closest(str(rule), _WORD_RULES)}")
+                    f"got {rule!r}.{closest(str(rule), _WORD_RULES)}")
         if self.default not in _WORD_RULES:
-            raise ConfigError(f"UpdateScheme default must be 'full' or 'frozen', got {self.default!r}.{_closest(str(self.default), _WORD_RULES)}")
+            raise ConfigError(f"UpdateScheme default must be 'full' or 'frozen', got {self.default!r}.{closest(str(self.default), _WORD_RULES)}")
         object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
 
     @classmethod
@@ -126,7 +126,7 @@ class UpdateScheme:
         if complete:
             for pattern in self.rules:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                    raise ConfigError(f"UpdateScheme pattern {pattern!r} matches no parameter.{_closest(pattern, names)}")
+                    raise ConfigError(f"UpdateScheme pattern {pattern!r} matches no parameter.{closest(pattern, names)}")
         aliases: dict[int, list[str]] = {}
         for name, tensor in params.items():
             aliases.setdefault(id(tensor), []).append(name)
@@ -173,7 +173,7 @@ class Config:
         if self.update is not None and not isinstance(self.update, UpdateScheme):
             raise ConfigError(f"option 'update' must be a sparsecc.UpdateScheme, got {type(self.update).__name__}")
         if self.executor not in _EXECUTORS:
-            raise ConfigError(f"option 'executor' must be one of {_EXECUTORS}, got {self.executor!r}.{_closest(str(self.executor), _EXECUTORS)}")
+            raise ConfigError(f"option 'executor' must be one of {_EXECUTORS}, got {self.executor!r}.{closest(str(self.executor), _EXECUTORS)}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, object] | None) -> "Config":
@@ -181,7 +181,7 @@ class Config:
         valid = [f.name for f in fields(cls)]
         for key in options:
             if key not in valid:
-                raise ConfigError(f"unknown sparsecc option {key!r}; valid options are {valid}.{_closest(str(key), valid)}")
+                raise ConfigError(f"unknown sparsecc option {key!r}; valid options are {valid}.{closest(str(key), valid)}")
         return cls(**options)
 
     @property
