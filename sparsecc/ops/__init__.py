@@ -13,3 +13,6 @@ def index_constant(values: list[int], device: torch.device) -> torch.Tensor:
 @index_constant.register_fake
 def _(values, device):
     return torch.empty(len(values), dtype=torch.int64, device=device)
+
+
+from . import block_sparse  # noqa: E402,F401  (registers the sparsecc:: block-sparse ops)

@@ -1,0 +1,93 @@
+"""Block-sparse linear algebra as sparsecc:: custom ops on plain tensors (torchao style, no torch.sparse layouts).
+
+A weight W [out, in] with square blocks of size b is held as
+    values [nnzb, b, b]   the kept blocks
+    rows   [nnzb] int64   block-row of each block   (W[rows[k]*b:(rows[k]+1)*b, ...])
+    cols   [nnzb] int64   block-column of each block
+The ops, each with a fake (shape) implementation:
+    block_sparse_mm(x, values, rows, cols, n_out)   y = x @ W^T         x [N, in] -> y [N, n_out]
+    block_sparse_mm_t(g, values, rows, cols, n_in)  gx = g @ W          (the input gradient)
+    block_sddmm(g, x, rows, cols, b)                gW = (g^T @ x) at the blocks only (the weight gradient)
+block_sparse_mm has an autograd formula made of the other two, so pruned entries never receive a gradient.
+The CPU kernels gather the blocks' slices and run one batched GEMM (work proportional to the kept blocks).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def to_blocks(weight: torch.Tensor, mask: torch.Tensor, size: int):
+    """(values, rows, cols) of the blocks of weight where the block mask (constant per block) is set."""
+    out, inp = weight.shape
+    grid = mask.reshape(out // size, size, inp // size, size).any(3).any(1)
+    rows, cols = grid.nonzero(as_tuple=True)
+    blocks = weight.reshape(out // size, size, inp // size, size).permute(0, 2, 1, 3)
+    return blocks[rows, cols].contiguous(), rows, cols
+
+
+def from_blocks(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape) -> torch.Tensor:
+    """The dense weight the blocks describe (zeros elsewhere)."""
+    out, inp = shape
+    b = values.shape[-1]
+    dense = values.new_zeros(out // b, inp // b, b, b)
+    dense[rows, cols] = values
+    return dense.permute(0, 2, 1, 3).reshape(out, inp)
+
+
+def _spmm(x, values, dst, src, n_dst):
+    """y[:, dst[k]] += x[:, src[k]] @ values[k]^T for every block k; x [N, n_src], y [N, n_dst]."""
+    n, b = x.shape[0], values.shape[-1]
+    gathered = x.reshape(n, -1, b).index_select(1, src).transpose(0, 1)          # [nnzb, N, b]
+    partial = torch.bmm(gathered, values.transpose(1, 2))                          # [nnzb, N, b]
+    y = x.new_zeros(n_dst // b, n, b).index_add_(0, dst, partial)                  # [n_dst/b, N, b]
+    return y.transpose(0, 1).reshape(n, n_dst)
+
+
+@torch.library.custom_op("sparsecc::block_sparse_mm", mutates_args=())
+def block_sparse_mm(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    n_out: int) -> torch.Tensor:
+    return _spmm(x, values, rows, cols, n_out)
+
+
+@torch.library.custom_op("sparsecc::block_sparse_mm_t", mutates_args=())
+def block_sparse_mm_t(g: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                      n_in: int) -> torch.Tensor:
+    return _spmm(g, values.transpose(1, 2), cols, rows, n_in)
+
+
+@torch.library.custom_op("sparsecc::block_sddmm", mutates_args=())
+def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int) -> torch.Tensor:
+    n = g.shape[0]
+    gg = g.reshape(n, -1, b).index_select(1, rows).permute(1, 2, 0)                # [nnzb, b, N]
+    xg = x.reshape(n, -1, b).index_select(1, cols).transpose(0, 1)                 # [nnzb, N, b]
+    return torch.bmm(gg, xg)                                                       # [nnzb, b, b]
+
+
+@block_sparse_mm.register_fake
+def _(x, values, rows, cols, n_out):
+    return x.new_empty(x.shape[0], n_out)
+
+
+@block_sparse_mm_t.register_fake
+def _(g, values, rows, cols, n_in):
+    return g.new_empty(g.shape[0], n_in)
+
+
+@block_sddmm.register_fake
+def _(g, x, rows, cols, b):
+    return g.new_empty(rows.shape[0], b, b)
+
+
+def _setup(ctx, inputs, output):
+    x, values, rows, cols, _ = inputs
+    ctx.save_for_backward(x, values, rows, cols)
+
+
+def _backward(ctx, grad):
+    x, values, rows, cols = ctx.saved_tensors
+    gx = block_sparse_mm_t(grad, values, rows, cols, x.shape[1]) if ctx.needs_input_grad[0] else None
+    gv = block_sddmm(grad, x, rows, cols, values.shape[-1]) if ctx.needs_input_grad[1] else None
+    return gx, gv, None, None, None
+
+
+block_sparse_mm.register_autograd(_backward, setup_context=_setup)
