@@ -57,7 +57,7 @@ class _Selector:
 
     def select(self, x: fx.Node, dim: int) -> fx.Node:
         """A node equal to select(x, dim), computed as early in the graph as the rules allow."""
-        if x not in self.backward:
+        if x not in self.backward or x.op == "placeholder":   # an activation, or a graph input (a tangent)
             taken = self.take(x, dim, x)
             if x.op == "placeholder" or self.index is not None:
                 return taken  # a graph input (resident anyway) or already a compact copy
