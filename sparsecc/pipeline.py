@@ -1,6 +1,8 @@
 """The compiler, on one screen: the ordered passes over the joint graph, each checked and recorded."""
 from __future__ import annotations
 
+import re
+
 import torch.fx as fx
 
 from .graph import output_values
@@ -26,10 +28,14 @@ class PassVerificationError(RuntimeError):
     """A pass left the graph in a state that breaks an invariant; the message names the pass."""
 
 
+_FREES = re.compile(r";  (?:\w+ = )+None$")
+
+
 def readable(gm: fx.GraphModule) -> str:
-    """The graph as code with shapes, without the source-location comments tracing leaves behind."""
+    """The graph as code with shapes, without the source-location comments tracing leaves behind and
+    without codegen's `;  x = None` frees (they change with every user and would clutter each diff)."""
     code = gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
-    return "\n".join(line for line in code.splitlines()
+    return "\n".join(_FREES.sub("", line) for line in code.splitlines()
                      if not line.lstrip().startswith(("# File:", "# No stacktrace")) and line.strip() != "")
 
 

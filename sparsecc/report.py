@@ -79,13 +79,13 @@ class Report:
                  "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
                  "</style></head><body><h1>sparsecc report</h1>", f"<pre>{html.escape(str(self))}</pre>",
                  "<h2>Parameters</h2><table><tr><th>name</th><th>rule</th><th>shape</th></tr>"]
+        if self.timeline is not None:
+            parts.insert(-1, "<h2>Memory timeline (liveness model)</h2>" + _svg_timeline(self.timeline))
         parts += [f"<tr><td>{html.escape(n)}</td><td>{html.escape(r)}</td><td>{s}</td></tr>" for n, r, s in self.params]
         parts.append("</table><h2>What each pass changed</h2>")
         for before, after in self._diff_pairs():
             if before in self.graphs and after in self.graphs:
                 parts.append(f"<h3>{html.escape(before)} &rarr; {html.escape(after)}</h3><pre>{_html_diff(self.diff(before, after))}</pre>")
-        if self.timeline is not None:
-            parts.append("<h2>Memory timeline (liveness model)</h2>" + _svg_timeline(self.timeline))
         parts.append("<h2>Graphs</h2>")
         for name, code in self.graphs.items():
             parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(code)}</pre></details>")

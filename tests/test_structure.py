@@ -35,8 +35,8 @@ class Tiny(nn.Module):
 
 GOLDEN_BIAS_ONLY_FC2 = """\
 def forward(self, tangents_1: "f32[5, 3]"):
-    sum_1: "f32[1, 3]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
-    view: "f32[3]" = torch.ops.aten.view.default(sum_1, [3]);  sum_1 = None
+    sum_1: "f32[1, 3]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True)
+    view: "f32[3]" = torch.ops.aten.view.default(sum_1, [3])
     return (None, None, None, None, view)"""
 
 
