@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._functorch.aot_autograd import aot_export_module
 import torch._inductor.config as inductor_config
+from torch._functorch.aot_autograd import aot_export_module
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -54,17 +54,18 @@ class _LossModule(torch.nn.Module):
         return (loss,)
 
 
-def _first_alias(name: str, names: list[str], params: dict) -> str:
-    """The first name under which the tensor `name` is exported (tied weights are exported once per name)."""
-    return next(n for n in names if params[n] is params[name])
+def _first_alias(names: list[str], params: dict) -> list[int]:
+    """For each exported name, the index of the first name of the same tensor (tied weights are exported
+    once per name)."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(params[n]), i) for i, n in enumerate(names)]
 
 
-def _merge_tied(joint: fx.GraphModule, names: list[str], grads: list, params: dict) -> list:
+def _merge_tied(joint: fx.GraphModule, first: list[int], grads: list) -> list:
     """Tied weights come out of export as one input per name, each with its share of the gradient.
     Route every use to the first name's input and give it the summed gradient; the other names get none."""
     placeholders = joint.graph.find_nodes(op="placeholder")
-    for i, name in enumerate(names):
-        j = names.index(_first_alias(name, names, params))
+    for i, j in enumerate(first):
         if i == j:
             continue
         placeholders[i].replace_all_uses_with(placeholders[j])
@@ -115,7 +116,8 @@ class TrainStep:
         if key not in self._compiled:
             self._compiled[key] = self._compile(leaves, spec)
             self.compilations += 1
-        return self._compiled[key], leaves
+        self._last = self._compiled[key]
+        return self._last, leaves
 
     def _export(self, leaves, spec) -> tuple[fx.GraphModule, Plan]:
         wrapper = _LossModule(self.model, self.loss_fn, spec)
@@ -138,9 +140,10 @@ class TrainStep:
         by_name = {n.name: n for n in outs[n_fwd:]}
         grad_of = {param: by_name[node] for node, param in sig.backward_signature.gradients_to_parameters.items()}
         names = [name.removeprefix("model.") for name in sig.parameters]
-        grads = _merge_tied(joint, names, [grad_of.get(f"model.{n}") for n in names], self.params)
+        first = _first_alias(names, self.params)
+        grads = _merge_tied(joint, first, [grad_of.get(f"model.{n}") for n in names])
         set_output_values(joint, outs[:n_fwd] + grads)
-        plans = tuple(ParamPlan(n, i, self.rules[n] if i == names.index(_first_alias(n, names, self.params)) else "frozen",
+        plans = tuple(ParamPlan(n, i, self.rules[n] if i == first[i] else "frozen",
                                 tuple(self.params[n].shape), self.indices.get(n))
                       for i, n in enumerate(names))
         self._mutated = [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()]
@@ -165,7 +168,6 @@ class TrainStep:
             **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "updates_fused"),
         }
         register(report)
-        self._report, self._report_graph = report, joint
         for name, shape in updates:
             self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
                                                         device=self.params[name].device)
@@ -200,13 +202,13 @@ class TrainStep:
 
     @property
     def graph(self) -> fx.GraphModule:
-        """The training-step graph of the most recent compilation."""
-        return self._report_graph
+        """The training-step graph the most recent call ran."""
+        return self._last.graph
 
     @property
     def report(self) -> Report:
-        """The report of the most recent compilation."""
-        return self._report
+        """The report of the compilation the most recent call ran."""
+        return self._last.report
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate; the graph reads it as an input, so nothing recompiles."""
@@ -217,7 +219,7 @@ class TrainStep:
         """Run one real training step and return its measured peak bytes above what was live before;
         also recorded in the report as stats['peak_bytes_measured']."""
         peak = memory.measure_peak(lambda: self(x, y))
-        self._get(x, y)[0].report.stats["peak_bytes_measured"] = peak
+        self.report.stats["peak_bytes_measured"] = peak
         return peak
 
     def state_dict(self) -> dict:

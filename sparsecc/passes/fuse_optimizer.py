@@ -19,6 +19,7 @@ from ..graph import call, inline, output_values, set_output_values
 from ..memory import aliases_input
 from . import ParamPlan, PassResult, Plan
 from .dce import eliminate_dead_code
+from .subtensor_grads import channel_selection
 
 aten = torch.ops.aten
 NAME = "fuse_optimizer"
@@ -38,12 +39,11 @@ def _trained_part(gm: fx.GraphModule, grad: fx.Node, param: fx.Node, p: ParamPla
     if not isinstance(p.rule, Channels) or grad.meta.get("sparsecc_pass") != "subtensor_grads":
         return grad, param
     axis = p.rule.axis
-    if grad.target is aten.constant_pad_nd.default:          # the first k channels
-        part = grad.args[0]
-        target, args = aten.slice.Tensor, (param, axis, 0, part.meta["val"].shape[axis])
+    if grad.target is aten.constant_pad_nd.default:          # pad(part): the first k channels
+        part, index = grad.args[0], None
     else:                                                     # index_put(zeros, [.., index], part)
         part, index = grad.args[2], grad.args[1][axis]
-        target, args = aten.index.Tensor, (param, [None] * axis + [index])
+    target, args = channel_selection(param, axis, part.meta["val"].shape[axis], index)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     after = max([part] + [a for a in tree_leaves(args) if isinstance(a, fx.Node)], key=order.__getitem__)
     with gm.graph.inserting_after(after):

@@ -31,7 +31,7 @@ class _Selector:
 
     gm: fx.GraphModule
     k: int
-    index: fx.Node | None              # get_attr of the chosen channel indices, or None for the first k
+    index: fx.Node | None              # sparsecc::index_constant of the chosen channels, or None for the first k
     backward: set[fx.Node]
     reached: list[str] = field(default_factory=list)   # forward tensors selected before being saved
     sliced: list[str] = field(default_factory=list)    # contractions (GEMM, conv, scatter) now computing k channels
@@ -47,13 +47,10 @@ class _Selector:
         return self.emit_after(x, target, args, kwargs)
 
     def take(self, x: fx.Node, dim: int, after: fx.Node) -> fx.Node:
-        """The selection itself, placed right after `after`: a slice view, or an index_select copy."""
-        if self.index is None:
-            return self.emit_after(after, aten.slice.Tensor, (x, dim, 0, self.k))
-        if after.op == "placeholder":
+        """The selection itself, placed right after `after` (and after the index constant, if any)."""
+        if self.index is not None and after.op == "placeholder":
             after = self.index  # the index constant sits after the last graph input
-        # aten.index, not index_select: the graph is already decomposed for Inductor, which lowers index
-        return self.emit_after(after, aten.index.Tensor, (x, [None] * dim + [self.index]))
+        return self.emit_after(after, *channel_selection(x, dim, self.k, self.index))
 
     def select(self, x: fx.Node, dim: int) -> fx.Node:
         """A node equal to select(x, dim), computed as early in the graph as the rules allow."""
@@ -74,6 +71,14 @@ class _Selector:
     def stop(self, x: fx.Node, dim: int, reason: str) -> fx.Node:
         self.stops.append(reason)
         return self.take(x, dim, x)
+
+
+def channel_selection(x: fx.Node, dim: int, k: int, index: fx.Node | None) -> tuple:
+    """(op, args) selecting the channels of x on dim: a slice view of the first k, or a copy at the index.
+    aten.index, not index_select: the graph is already decomposed for Inductor, which lowers index."""
+    if index is None:
+        return aten.slice.Tensor, (x, dim, 0, k)
+    return aten.index.Tensor, (x, [None] * dim + [index])
 
 
 def _shape(node) -> tuple:
