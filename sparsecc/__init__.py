@@ -1,12 +1,13 @@
 """sparsecc: a compiler for sparse training of PyTorch models."""
 from .backend import UnsupportedGraphError, backend
 from .config import Channels, Config, ConfigError, UpdateScheme
+from .dynamic import DynamicSparsity
 from .explain import explain
 from .optim import SGD, AdamW
 from .report import Report, reports
 from .sparsity import NM, Blocks, Sparsity, Unstructured, sparsify
 from .train_step import TrainStep, compile_train_step
 
-__all__ = ["AdamW", "Blocks", "Channels", "Config", "ConfigError", "NM", "Report", "SGD", "Sparsity", "TrainStep",
+__all__ = ["AdamW", "Blocks", "Channels", "Config", "ConfigError", "DynamicSparsity", "NM", "Report", "SGD", "Sparsity", "TrainStep",
            "Unstructured", "UnsupportedGraphError", "UpdateScheme", "backend", "compile_train_step", "explain",
            "reports", "sparsify"]

@@ -13,8 +13,9 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from . import analysis
 from .config import Channels, Config, rule_name
-from .graph import clone_graph_module, dynamo_parameters, dynamo_root_module
+from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
 from .passes import ParamPlan, Plan
+from .passes.sparsify import Rewrite, sparsify
 from .pipeline import readable, run_passes, totals
 from .report import Report, register
 
@@ -25,13 +26,15 @@ class UnsupportedGraphError(RuntimeError):
 class SparseccPartitioner(CustomPartitionerFn):
     """Runs the pass pipeline on the joint graph, then min-cut partitions it; records a Report."""
 
-    def __init__(self, params: dict[int, tuple[str, torch.Tensor, object]], n_inputs: int):
+    def __init__(self, params: dict[int, tuple[str, torch.Tensor, object]], n_inputs: int, rewrite: Rewrite):
         self.params = params          # Dynamo input index -> (name, parameter, rule)
         self.indices = {i: r.indices(p) for i, (_, p, r) in params.items() if isinstance(r, Channels)}
         self.n_inputs = n_inputs
+        self.rewrite = rewrite        # what sparsify did to Dynamo's graph before AOTAutograd traced it
 
     def uuid(self):
         key = repr(sorted((i, n, tuple(p.shape), rule_name(r)) for i, (n, p, r) in self.params.items()))
+        key += repr(self.rewrite.result.notes)
         return hashlib.sha256(key.encode()).hexdigest()
 
     def plan(self, joint: fx.GraphModule, num_fwd_outputs: int) -> Plan:
@@ -45,7 +48,7 @@ class SparseccPartitioner(CustomPartitionerFn):
             shape = tuple(primals[i].meta["val"].shape)
             if shape != tuple(param.shape):
                 raise UnsupportedGraphError(f"joint input {i} has shape {shape}, but {name} has {tuple(param.shape)}")
-            plans.append(ParamPlan(name, i, rule, shape, self.indices.get(i)))
+            plans.append(ParamPlan(name, i, rule, shape, self.indices.get(i), name in self.rewrite.sparse_params))
         return Plan(tuple(plans), num_fwd_outputs)
 
     def __call__(self, joint: fx.GraphModule, joint_inputs, **kwargs):
@@ -54,6 +57,8 @@ class SparseccPartitioner(CustomPartitionerFn):
         results, graphs = run_passes(joint, plan)
         fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
         n_out = plan.num_fwd_outputs
+        results.insert(0, self.rewrite.result)
+        graphs = {**self.rewrite.graphs, **graphs}
         report = Report(graphs=graphs, passes=results,
                         params=[(p.name, rule_name(p.rule), p.shape) for p in plan.params])
         report.graphs.update({"forward/before": readable(fw0), "backward/before": readable(bw0),
@@ -62,7 +67,8 @@ class SparseccPartitioner(CustomPartitionerFn):
             "backward_flops_before": analysis.graph_flops(bw0), "backward_flops_after": analysis.graph_flops(bw),
             "saved_bytes_before": analysis.saved_bytes(fw0, n_out), "saved_bytes_after": analysis.saved_bytes(fw, n_out),
             "backward_nodes_before": len(bw0.graph.nodes), "backward_nodes_after": len(bw.graph.nodes),
-            **totals(results, "grads_pruned", "grads_sliced", "nodes_removed"),
+            **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "sparse_ops", "sparse_refused",
+                     "sparse_flops_saved"),
         }
         register(report)
         return fw, bw
@@ -83,14 +89,45 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
                       "scheme is applied to the graph's own parameters without checking that every pattern matches")
         params = {name: p for name, p in found.values()}
     rules = config.scheme.resolve(params, complete=complete)
-    partitioner = SparseccPartitioner({i: (n, p, rules[n]) for i, (n, p) in found.items()}, len(example_inputs))
+    before, gm = readable(gm), dynamo_copy(gm)    # Dynamo reads its own graph again after we return
+    rewrite = sparsify(gm, list(example_inputs), {i: (n, p) for i, (n, p) in found.items()},
+                       root if complete else None, config)
+    if rewrite.extra_inputs:
+        rewrite.graphs = {"dynamo/input": before, "dynamo/after sparsify": readable(gm)}
+    inputs = list(example_inputs) + rewrite.extra_inputs
+    partitioner = SparseccPartitioner({i: (n, p, rules[n]) for i, (n, p) in found.items()}, len(inputs), rewrite)
     with torch._functorch.config.patch(enable_autograd_cache=False):
         if config.executor == "inductor":
             from torch._inductor.compile_fx import compile_fx
-            return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
-        from torch._inductor.decomposition import select_decomp_table
-        return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed, partition_fn=partitioner,
-                            decompositions=select_decomp_table(), keep_inference_input_mutations=True)(gm, example_inputs)
+            compiled = compile_fx(gm, inputs, config_patches={"custom_partitioner_fn": partitioner})
+        else:
+            from torch._inductor.decomposition import select_decomp_table
+            compiled = aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed, partition_fn=partitioner,
+                                    decompositions=select_decomp_table(),
+                                    keep_inference_input_mutations=True)(gm, inputs)
+    return with_sparse_inputs(compiled, rewrite) if rewrite.extra_inputs else compiled
+
+
+def with_sparse_inputs(compiled, rewrite: Rewrite):
+    """The compiled graph called with the sparse weights' compressed operands appended to Dynamo's inputs.
+    A mask picked up from a buffer is checked whenever that buffer changes: entries outside the compiled
+    support would need a recompilation, so they are an error, never a silently wrong number."""
+    extra = rewrite.extra_inputs
+    seen = {pos: (None, -1) for pos in rewrite.picked_masks}
+
+    def check(args):
+        for pos, sw in rewrite.picked_masks.items():
+            mask = args[pos]
+            if seen[pos] != (id(mask), mask._version):
+                if ((mask != 0) & ~sw.support).any():
+                    raise RuntimeError(f"sparsecc: the mask of {sw.name!r} now keeps entries outside the sparsity "
+                                       f"it was compiled for; call torch._dynamo.reset() and compile again")
+                seen[pos] = (id(mask), mask._version)
+
+    def run(*args):
+        check(args)
+        return compiled(*args, *extra)
+    return run
 
 
 def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None):

@@ -155,6 +155,7 @@ class UpdateScheme:
 
 
 _EXECUTORS = ("inductor", "eager")
+_COST_MODELS = ("measure", "off")
 
 
 @dataclass(frozen=True)
@@ -164,14 +165,25 @@ class Config:
     update: which parameters are trained; None trains everything, as plain autograd does.
     executor: "inductor" compiles forward and backward with Inductor; "eager" runs the FX graphs
         as they are (fast compiles, for debugging).
+    sparsity: the sparsecc.Sparsity the model was sparsified with (checked against what sparsify recorded);
+        None uses whatever the model records, plus masks from torch.nn.utils.prune / parametrize.
+    cost_model: "measure" rewrites a call to a sparse op only where measurement on this machine shows the
+        sparse kernels faster; "off" rewrites every call it can.
     """
 
     update: UpdateScheme | None = None
     executor: str = "inductor"
+    sparsity: object = None
+    cost_model: str = "measure"
 
     def __post_init__(self):
         if self.update is not None and not isinstance(self.update, UpdateScheme):
             raise ConfigError(f"option 'update' must be a sparsecc.UpdateScheme, got {type(self.update).__name__}")
+        from .sparsity import Sparsity
+        if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
+            raise ConfigError(f"option 'sparsity' must be a sparsecc.Sparsity, got {type(self.sparsity).__name__}")
+        if self.cost_model not in _COST_MODELS:
+            raise ConfigError(f"option 'cost_model' must be one of {_COST_MODELS}, got {self.cost_model!r}")
         if self.executor not in _EXECUTORS:
             raise ConfigError(f"option 'executor' must be one of {_EXECUTORS}, got {self.executor!r}.{closest(str(self.executor), _EXECUTORS)}")
 

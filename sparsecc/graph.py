@@ -65,6 +65,19 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def dynamo_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a Dynamo graph that AOTAutograd still recognises as one (graph meta, parameter sources,
+    each placeholder's source)."""
+    new = clone_graph_module(gm)
+    new.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old, node in zip(gm.graph.find_nodes(op="placeholder"), new.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source
+    return new
+
+
 def val(arg):
     """The fake value of a node argument (a Node's meta['val'], anything else as is)."""
     return tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, arg)

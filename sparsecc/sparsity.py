@@ -148,7 +148,7 @@ def sparsify(model: torch.nn.Module, spec: Sparsity) -> dict[str, torch.Tensor]:
     model (`model.sparsecc_masks`, name -> bool mask). Validates everything before changing anything."""
     if not isinstance(spec, Sparsity):
         raise ConfigError(f"sparsify needs a sparsecc.Sparsity, got {type(spec).__name__}")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))    # tied weights under every name
     patterns = spec.resolve(params)
     masks = {name: pattern.mask(params[name]).to(params[name].device) for name, pattern in patterns.items()}
     for name, mask in masks.items():

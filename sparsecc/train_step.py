@@ -261,6 +261,10 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
         raise ConfigError(f"optimizer must be sparsecc.SGD or sparsecc.AdamW, got {type(optimizer).__name__}")
     if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
         raise ConfigError("example_inputs must be a pair (x, y): the model's input(s) and the loss target")
+    if getattr(model, "sparsecc_masks", None):
+        raise ConfigError(f"compile_train_step does not rewrite sparse weights yet ({sorted(model.sparsecc_masks)} were "
+                          f"sparsified) and would train their pruned entries; train them with torch.compile(model, "
+                          f"backend='sparsecc', options={{'sparsity': spec}}) and a torch.optim optimizer")
     config = Config(update=update, executor=executor)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
     return TrainStep(model, loss_fn, optimizer, config, rules, tuple(example_inputs))

@@ -15,4 +15,4 @@ def _(values, device):
     return torch.empty(len(values), dtype=torch.int64, device=device)
 
 
-from . import block_sparse  # noqa: E402,F401  (registers the sparsecc:: block-sparse ops)
+from . import block_sparse, csr  # noqa: E402,F401  (register the sparsecc:: sparse ops)

@@ -15,13 +15,20 @@ memory traffic are proportional to the kept blocks.
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
+
+
+def block_index(mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the size x size blocks of a 2-D mask that hold any set entry, row-major."""
+    out, inp = mask.shape
+    grid = mask.reshape(out // size, size, inp // size, size).any(3).any(1)
+    return grid.nonzero(as_tuple=True)
 
 
 def to_blocks(weight: torch.Tensor, mask: torch.Tensor, size: int):
     """(values, rows, cols) of the blocks of weight where the block mask (constant per block) is set."""
     out, inp = weight.shape
-    grid = mask.reshape(out // size, size, inp // size, size).any(3).any(1)
-    rows, cols = grid.nonzero(as_tuple=True)
+    rows, cols = block_index(mask, size)
     blocks = weight.reshape(out // size, size, inp // size, size).permute(0, 2, 1, 3)
     return blocks[rows, cols].contiguous(), rows, cols
 
@@ -97,3 +104,18 @@ def _backward(ctx, grad):
 
 
 block_sparse_mm.register_autograd(_backward, setup_context=_setup)
+
+
+@register_flop_formula(torch.ops.sparsecc.block_sparse_mm)
+def _(x_shape, values_shape, *args, **kwargs) -> int:
+    return 2 * x_shape[0] * values_shape[0] * values_shape[1] * values_shape[2]
+
+
+@register_flop_formula(torch.ops.sparsecc.block_sparse_mm_t)
+def _(g_shape, values_shape, *args, **kwargs) -> int:
+    return 2 * g_shape[0] * values_shape[0] * values_shape[1] * values_shape[2]
+
+
+@register_flop_formula(torch.ops.sparsecc.block_sddmm)
+def _(g_shape, x_shape, rows_shape, cols_shape, b, **kwargs) -> int:
+    return 2 * g_shape[0] * rows_shape[0] * b * b

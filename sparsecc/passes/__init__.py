@@ -16,6 +16,7 @@ class ParamPlan:
     rule: object                    # "full" | "frozen" | Channels
     shape: tuple[int, ...]
     indices: torch.Tensor | None = None   # Channels(select="magnitude"): the chosen channels
+    sparse: bool = False            # a sparse weight: its gradient is computed at the stored entries only
 
 
 @dataclass(frozen=True)

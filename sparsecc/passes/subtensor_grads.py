@@ -6,6 +6,8 @@ forward tensors. There it selects the *activation* before it is saved, so the fo
 k selected channels alive for backward. Where no rule applies, the selection stays where it stopped:
 when that leaves no contraction computing fewer channels, the rule buys nothing and is rejected with an
 error that names the parameter and the op; otherwise the report notes where the selection stopped.
+A sparse weight's gradient is already computed at its stored entries only; its k channels are sliced
+from that.
 """
 from __future__ import annotations
 
@@ -298,7 +300,7 @@ def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
         selector = _Selector(gm, k, index, backward)
         part = selector.select(grad, dim)
         outs[plan.grad_position(p)] = _scatter_back(gm, part, p, dim, index)
-        if selector.stops and not selector.sliced:
+        if selector.stops and not selector.sliced and not p.sparse:
             raise ConfigError(
                 f"Channels rule on {p.name!r}: sparsecc cannot compute this gradient for a subset of channels of "
                 f"dim {dim} ({'; '.join(selector.stops)}). Use dim='in'/'out' on a linear, conv or embedding "

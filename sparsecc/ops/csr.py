@@ -1,0 +1,115 @@
+"""Unstructured (and N:M) sparse linear algebra as sparsecc:: custom ops on plain CSR tensors.
+
+A weight W [out, in] is held as
+    values [nnz]                 the kept entries, row-major
+    crow   [out + 1] int64       row pointers; col [nnz] int64 their columns
+and, for the input gradient, the CSR of W^T over the same values:
+    t_crow [in + 1], t_col [nnz], t_perm [nnz]   (W^T's k-th entry is values[t_perm[k]])
+The ops, each with a fake (shape) implementation:
+    csr_mm(x, values, crow, col, t_crow, t_col, t_perm, n_out)  y = x @ W^T         x [N, in] -> [N, n_out]
+    csr_mm_t(g, values, t_crow, t_col, t_perm, n_in)            gx = g @ W          (the input gradient)
+    csr_sddmm(g, x, crow, col)                                  gW at the nonzeros only (the weight gradient)
+csr_mm's autograd formula is made of the other two, so pruned entries never receive a gradient.
+N:M weights use this format too: every row holds n of every m entries.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from . import native
+
+
+def to_csr(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The index tensors of the CSR structure of a 2-D boolean mask and of its transpose, plus `flat`
+    (row * in + col of every entry: where values come from in the flattened weight)."""
+    out, inp = mask.shape
+    rows, cols = mask.nonzero(as_tuple=True)
+    t_order = torch.argsort(cols * out + rows)
+    return {"flat": rows * inp + cols,
+            "crow": _pointers(rows, out), "col": cols,
+            "t_crow": _pointers(cols[t_order], inp), "t_col": rows[t_order], "t_perm": t_order}
+
+
+def _pointers(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_rows, minlength=n)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _sparse(crow, col, values, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # "Sparse CSR tensor support is in beta state"
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _native_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and native.available()
+
+
+def _spmm(x, values, crow, col, n_out):
+    """x @ W^T with W [n_out, x.shape[1]] in CSR."""
+    if _native_ok(x):
+        return native.csr_spmm(x, crow, col, values, n_out)
+    return (_sparse(crow, col, values, (n_out, x.shape[1])) @ x.t()).t().contiguous()
+
+
+@torch.library.custom_op("sparsecc::csr_mm", mutates_args=())
+def csr_mm(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, t_crow: torch.Tensor,
+           t_col: torch.Tensor, t_perm: torch.Tensor, n_out: int) -> torch.Tensor:
+    return _spmm(x, values, crow, col, n_out)
+
+
+@torch.library.custom_op("sparsecc::csr_mm_t", mutates_args=())
+def csr_mm_t(g: torch.Tensor, values: torch.Tensor, t_crow: torch.Tensor, t_col: torch.Tensor,
+             t_perm: torch.Tensor, n_in: int) -> torch.Tensor:
+    return _spmm(g, values[t_perm], t_crow, t_col, n_in)
+
+
+@torch.library.custom_op("sparsecc::csr_sddmm", mutates_args=())
+def csr_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    if _native_ok(x):
+        return native.csr_sddmm(g, x, crow, col)
+    pattern = _sparse(crow, col, x.new_ones(col.shape[0]), (g.shape[1], x.shape[1]))
+    return torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x.contiguous(), beta=0.0).values().clone()
+
+
+@csr_mm.register_fake
+def _(x, values, crow, col, t_crow, t_col, t_perm, n_out):
+    return x.new_empty(x.shape[0], n_out)
+
+
+@csr_mm_t.register_fake
+def _(g, values, t_crow, t_col, t_perm, n_in):
+    return g.new_empty(g.shape[0], n_in)
+
+
+@csr_sddmm.register_fake
+def _(g, x, crow, col):
+    return g.new_empty(col.shape[0])
+
+
+def _setup(ctx, inputs, output):
+    x, values, crow, col, t_crow, t_col, t_perm, _ = inputs
+    ctx.save_for_backward(x, values, crow, col, t_crow, t_col, t_perm)
+
+
+def _backward(ctx, grad):
+    x, values, crow, col, t_crow, t_col, t_perm = ctx.saved_tensors
+    gx = csr_mm_t(grad, values, t_crow, t_col, t_perm, x.shape[1]) if ctx.needs_input_grad[0] else None
+    gv = csr_sddmm(grad, x, crow, col) if ctx.needs_input_grad[1] else None
+    return gx, gv, None, None, None, None, None, None
+
+
+csr_mm.register_autograd(_backward, setup_context=_setup)
+
+
+@register_flop_formula([torch.ops.sparsecc.csr_mm, torch.ops.sparsecc.csr_mm_t])
+def _(x_shape, values_shape, *args, **kwargs) -> int:
+    return 2 * x_shape[0] * values_shape[0]
+
+
+@register_flop_formula(torch.ops.sparsecc.csr_sddmm)
+def _(g_shape, x_shape, crow_shape, col_shape, **kwargs) -> int:
+    return 2 * g_shape[0] * col_shape[0]
