@@ -1,58 +1,137 @@
-"""Block-sparse linear layer, forward + backward, on CPU: sparsecc's block_sparse_mm against dense torch (MKL)
-and torch.sparse BSR (forward by torch.sparse.mm on the BSR weight; backward as a user would write it:
-a dense mm for the input gradient and a dense weight gradient masked to the blocks).
+"""Sparse linear layers, forward + backward, on CPU, and a sparse transformer's training step.
 
-usage: python benchmarks/bench_sparse_ops.py [--rounds 5] [--quick]
+Layers: sparsecc's ops (block_sparse_mm / csr_mm with their SDDMM weight gradients) against dense torch
+(MKL: three GEMMs) and torch.sparse (BSR or CSR weight; the backward a user would have to write: the input
+gradient with the sparse transpose, the weight gradient with torch.sparse.sampled_addmm at the nonzeros).
+Step: a GPT (2 blocks, d=512, 1024 tokens) with 10%-dense 32x32 blocks in its MLPs and 25% in attention,
+trained with AdamW: eager dense on the masked weights (gradients masked), Inductor on the same, and
+sparsecc with its cost model.
+
+usage: python benchmarks/bench_sparse_ops.py [--rounds 3] [--quick] [--only blocks|csr|nm|step]
 """
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 
 from common import cli, interleaved_medians
-from sparsecc.ops.block_sparse import to_blocks
-from sparsecc.sparsity import Blocks
+from sparsecc.ops import native
+from sparsecc.sparse_weights import SparseWeight
+from sparsecc.sparsity import NM, Blocks, Unstructured
 
 ops = torch.ops.sparsecc
+warnings.filterwarnings("ignore", ".*Sparse (CSR|BSR) tensor support is in beta.*")
+warnings.filterwarnings("ignore", ".*Sparse invariant checks.*")
 
 
-def case(size, tokens, b, density):
+def layer_case(size, tokens, pattern):
+    """The three ways to run fwd+bwd of y = x @ W^T for one sparse weight."""
     w = torch.randn(size, size)
-    mask = Blocks(b, density).mask(w)
+    mask = pattern.mask(w)
     w = w * mask
-    values, rows, cols = to_blocks(w, mask, b)
-    x = torch.randn(tokens, size)
-    g = torch.randn(tokens, size)
-    bsr = w.to_sparse_bsr((b, b))
+    sw = SparseWeight.create("bench", pattern, mask, w.dtype)
+    values, i = sw.gather(w), sw.index
+    x, g = torch.randn(tokens, size), torch.randn(tokens, size)
+    block = pattern.size if isinstance(pattern, Blocks) else None
+    w_sp = w.to_sparse_bsr((block, block)) if block else w.to_sparse_csr()
+    wt_sp = w.t().contiguous().to_sparse_bsr((block, block)) if block else w.t().contiguous().to_sparse_csr()
+    ones = mask.float().to_sparse_csr()
 
     def dense():
-        xr, wr = x.requires_grad_(), w.clone().requires_grad_()
-        (xr @ wr.T).backward(g)
+        x @ w.T, g @ w, g.T @ x
 
-    def sparsecc_op():
-        xr, vr = x.requires_grad_(), values.clone().requires_grad_()
-        ops.block_sparse_mm(xr, vr, rows, cols, size).backward(g)
+    if block:
+        def sparsecc_ops():
+            ops.block_sparse_mm(x, values, i["rows"], i["cols"], size)
+            ops.block_sparse_mm_t(g, values, i["rows"], i["cols"], size)
+            ops.block_sddmm(g, x, i["rows"], i["cols"], block)
+    else:
+        def sparsecc_ops():
+            ops.csr_mm(x, values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], size)
+            ops.csr_mm_t(g, values, i["t_crow"], i["t_col"], i["t_perm"], size)
+            ops.csr_sddmm(g, x, i["crow"], i["col"])
 
     def torch_sparse():
-        y = torch.sparse.mm(bsr, x.T).T                     # forward on the BSR weight
-        gx = g @ w                                         # input gradient: dense
-        gw = (g.T @ x) * mask                              # weight gradient: dense, then masked
-        return y, gx, gw
+        torch.sparse.mm(w_sp, x.T)
+        torch.sparse.mm(wt_sp, g.T)
+        torch.sparse.sampled_addmm(ones, g.T, x, beta=0.0)
 
-    return {"dense": dense, "sparsecc": sparsecc_op, "torch.sparse": torch_sparse}
+    return {"dense": dense, "sparsecc": sparsecc_ops, "torch.sparse": torch_sparse}
+
+
+def layer_table(title, cases, rounds):
+    print(f"\n{title}")
+    print(f"{'weight':>10}{'tokens':>8}{'pattern':>22}{'dense ms':>10}{'sparsecc ms':>12}{'torch.sparse ms':>16}"
+          f"{'vs dense':>9}{'vs t.sparse':>12}")
+    for size, tokens, pattern in cases:
+        t = interleaved_medians(layer_case(size, tokens, pattern), rounds, warmup=1)
+        name = (f"blocks {pattern.size} d={pattern.density}" if isinstance(pattern, Blocks) else
+                f"NM {pattern.n}:{pattern.m}" if isinstance(pattern, NM) else f"unstructured d={pattern.density}")
+        print(f"{size:>5}x{size:<4}{tokens:>8}{name:>22}{t['dense'] * 1e3:10.2f}{t['sparsecc'] * 1e3:12.2f}"
+              f"{t['torch.sparse'] * 1e3:16.2f}{t['dense'] / t['sparsecc']:8.2f}x"
+              f"{t['torch.sparse'] / t['sparsecc']:11.2f}x", flush=True)
+
+
+def step_table(rounds, quick):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import sparsecc
+    from train_sparse_weights import GPT
+    d, batch = (128, 2) if quick else (512, 8)
+    spec = sparsecc.Sparsity({"blocks.*.fc*.weight": Blocks(32, density=0.1),
+                              "blocks.*.qkv.weight": Blocks(32, density=0.25)})
+    text = torch.randint(0, 256, (batch, 129))
+    ids, targets = text[:, :-1], text[:, 1:]
+
+    def trainer(compile_with):
+        torch.manual_seed(0)
+        model = GPT(d=d)
+        sparsecc.sparsify(model, spec)
+        masks = {p: m for n, p in model.named_parameters() if (m := model.sparsecc_masks.get(n)) is not None}
+        run = model if compile_with is None else torch.compile(model, **compile_with)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        sparse = compile_with is not None and compile_with.get("backend") == "sparsecc"
+
+        def step():
+            F.cross_entropy(run(ids).flatten(0, 1), targets.flatten()).backward()
+            if not sparse:          # dense training of a sparse model: mask the gradients by hand
+                for p, m in masks.items():
+                    p.grad.mul_(m)
+            opt.step()
+            opt.zero_grad()
+        return step
+
+    steps = {"eager dense (masked)": trainer(None),
+             "inductor dense (masked)": trainer({"backend": "inductor"}),
+             "sparsecc": trainer({"backend": "sparsecc", "options": {"sparsity": spec}})}
+    t = interleaved_medians(steps, rounds, warmup=2)
+    print(f"\ntraining step, GPT 2 blocks d={d}, {batch}x128 tokens, AdamW; MLP blocks 32 at 10%, qkv at 25%")
+    for k, v in t.items():
+        print(f"{k:>26}{v * 1e3:10.1f} ms   sparsecc {v / t['sparsecc']:.2f}x faster")
+    report = sparsecc.reports()[-1]
+    print(f"sparsecc rewrote {report.stats['sparse_ops']} calls, kept {report.stats['sparse_refused']} dense")
 
 
 def main():
-    args = cli(__doc__, rounds=5)
-    sizes = [(512, 256)] if args.quick else [(1024, 256), (1024, 2048), (4096, 256), (4096, 2048)]
-    print(f"{'weight':>10}{'tokens':>8}{'block':>6}{'density':>8}{'dense ms':>10}{'sparsecc ms':>12}"
-          f"{'torch.sparse ms':>16}{'vs dense':>9}{'vs t.sparse':>12}")
-    for size, tokens in sizes:
-        for b in (16, 32):
-            for density in (0.5, 0.25, 0.1, 0.05):
-                t = interleaved_medians(case(size, tokens, b, density), args.rounds, warmup=1)
-                print(f"{size:>5}x{size:<4}{tokens:>8}{b:>6}{density:>8.2f}{t['dense'] * 1e3:10.2f}"
-                      f"{t['sparsecc'] * 1e3:12.2f}{t['torch.sparse'] * 1e3:16.2f}"
-                      f"{t['dense'] / t['sparsecc']:8.2f}x{t['torch.sparse'] / t['sparsecc']:11.2f}x", flush=True)
+    args = cli(__doc__, rounds=3, sections=("blocks", "csr", "nm", "step"))
+    only = args.only
+    print(f"native C++/OpenMP kernels: {'yes' if native.available() else 'no: ' + str(native.why_unavailable())}")
+    sizes = [(256, 64)] if args.quick else [(1024, 256), (1024, 2048), (4096, 256), (4096, 2048)]
+    densities = (0.5, 0.1) if args.quick else (0.5, 0.25, 0.1, 0.05)
+    if only in (None, "blocks"):
+        layer_table("block-sparse (torch.sparse = BSR)",
+                    [(s, t, Blocks(b, d)) for s, t in sizes for b in (16, 32) for d in densities], args.rounds)
+    if only in (None, "csr"):
+        layer_table("unstructured (torch.sparse = CSR)",
+                    [(s, t, Unstructured(d)) for s, t in sizes for d in densities], args.rounds)
+    if only in (None, "nm"):
+        layer_table("2:4 (sparsecc and torch.sparse as CSR)",
+                    [(s, t, NM(2, 4)) for s, t in sizes if s == max(x for x, _ in sizes)], args.rounds)
+    if only in (None, "step"):
+        step_table(args.rounds, args.quick)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ import time
 import torch
 
 
-def cli(doc: str, rounds: int) -> argparse.Namespace:
+def cli(doc: str, rounds: int, sections: tuple[str, ...] = ()) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=rounds)
+    if sections:
+        ap.add_argument("--only", choices=sections, help="run one section of the benchmark")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, not a measurement)")
     args = ap.parse_args()
     torch.manual_seed(0)

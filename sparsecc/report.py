@@ -59,6 +59,9 @@ class Report:
                          + (f", measured {measured:,} ({s['peak_bytes_estimate'] / measured:.2f}x)" if measured else ""))
         lines.append(f"gradients pruned: {s.get('grads_pruned', 0)}, gradients sliced: {s.get('grads_sliced', 0)}, "
                      f"nodes removed: {s.get('nodes_removed', 0)}")
+        if s.get("sparse_ops") or s.get("sparse_refused"):
+            lines.append(f"sparse ops: {s.get('sparse_ops', 0)} rewritten, {s.get('sparse_refused', 0)} kept dense, "
+                         f"est. fwd+bwd FLOPs saved {s.get('sparse_flops_saved', 0):,}")
         for p in self.passes:
             lines.append(f"[{p.name}] " + ", ".join(f"{k}={v}" for k, v in p.counts.items()))
             lines += [f"    {n}" for n in p.notes if "frozen" not in n]
@@ -70,7 +73,9 @@ class Report:
 
     def _diff_pairs(self) -> list[tuple[str, str]]:
         joint = [k for k in self.graphs if k.startswith("joint/")]
-        return list(zip(joint, joint[1:])) + [("forward/before", "forward/after"), ("backward/before", "backward/after")]
+        dynamo = [("dynamo/input", "dynamo/after sparsify")] if "dynamo/input" in self.graphs else []
+        return dynamo + list(zip(joint, joint[1:])) + [("forward/before", "forward/after"),
+                                                       ("backward/before", "backward/after")]
 
     def to_html(self) -> str:
         parts = ["<!doctype html><html><head><meta charset='utf-8'><title>sparsecc report</title><style>",

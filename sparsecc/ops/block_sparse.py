@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import native
+
 
 def block_index(mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the size x size blocks of a 2-D mask that hold any set entry, row-major."""
@@ -45,8 +47,10 @@ def from_blocks(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, sh
 def _spmm(x, values, dst, src, n_dst):
     """y[:, dst[k]] += x[:, src[k]] @ values[k]^T for every block k; x [N, n_src], y [N, n_dst].
 
-    One small GEMM per block on strided views (no gathered copies of x): measured 3-10x faster than
-    gathering the blocks' slices for one batched GEMM, whose copies grow with N * nnz / b."""
+    The C++/OpenMP kernel when it is built; else one small GEMM per block on strided views (no gathered
+    copies of x): measured 3-10x faster than gathering the blocks' slices for one batched GEMM."""
+    if native.usable(x):
+        return native.block_spmm(x, values, dst, src, n_dst)
     b = values.shape[-1]
     y = x.new_zeros(x.shape[0], n_dst)
     vt = values.transpose(1, 2)
@@ -69,6 +73,8 @@ def block_sparse_mm_t(g: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
 
 @torch.library.custom_op("sparsecc::block_sddmm", mutates_args=())
 def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int) -> torch.Tensor:
+    if native.usable(g):
+        return native.block_sddmm(g, x, rows, cols, b)
     out = g.new_empty(rows.shape[0], b, b)
     gt = g.t()
     for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):

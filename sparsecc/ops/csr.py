@@ -44,13 +44,9 @@ def _sparse(crow, col, values, shape):
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _native_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and native.available()
-
-
 def _spmm(x, values, crow, col, n_out):
     """x @ W^T with W [n_out, x.shape[1]] in CSR."""
-    if _native_ok(x):
+    if native.usable(x):
         return native.csr_spmm(x, crow, col, values, n_out)
     return (_sparse(crow, col, values, (n_out, x.shape[1])) @ x.t()).t().contiguous()
 
@@ -69,7 +65,7 @@ def csr_mm_t(g: torch.Tensor, values: torch.Tensor, t_crow: torch.Tensor, t_col:
 
 @torch.library.custom_op("sparsecc::csr_sddmm", mutates_args=())
 def csr_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    if _native_ok(x):
+    if native.usable(x):
         return native.csr_sddmm(g, x, crow, col)
     pattern = _sparse(crow, col, x.new_ones(col.shape[0]), (g.shape[1], x.shape[1]))
     return torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x.contiguous(), beta=0.0).values().clone()

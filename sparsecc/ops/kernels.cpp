@@ -3,14 +3,18 @@
 // Plain C ABI for ctypes (native.py): raw pointers, int64 sizes. Dense operands are contiguous row-major
 // [tokens, features]; block values may have any strides. Each function returns 0, or 1 if an index is out of
 // range (checked before anything is written).
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 using i64 = int64_t;
+
+template <typename T>
+static std::unique_ptr<T[]> scratch(i64 n) {  // uninitialised: a std::vector would zero it on one thread first
+  return std::unique_ptr<T[]>(new T[n]);
+}
 
 // Micro-kernels use GCC vector extensions (native SIMD width) so accumulators stay in registers; plain loops were
 // vectorised along the wrong axis (gathers) or kept their accumulators on the stack. A tile of accumulators takes
@@ -70,9 +74,10 @@ static bool bad_csr(const i64* crow, i64 rows, const i64* col, i64 nnz, i64 cols
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Block-sparse SpMM: y[:, dst[k]*b:+b] += x[:, src[k]*b:+b] @ V[k]^T. One task = (token tile, block-row d of y);
-// the task packs the blocks of row d as V^T (vt[q][j][i] = V[k_q][i][j]) and keeps a T x B tile of y in registers
-// across all of them, so y is written once and every load in the inner loop is a broadcast or contiguous.
+// Block-sparse SpMM: y[:, dst[k]*b:+b] += x[:, src[k]*b:+b] @ V[k]^T. The blocks are first grouped by dst and
+// repacked as V^T (vt[q][j][i] = V[k_q][i][j]); one task = (token tile, block-row d of y) then keeps a T x B tile of
+// y in registers across all blocks of row d, so y is written once and every inner-loop load is a broadcast or
+// contiguous.
 
 // y[t, i] = sum_q sum_j x[t, off[q] + j] * vt[q][j][i] for T tokens (B fixed at compile time, a multiple of lanes).
 template <typename S, int B, int T>
@@ -121,7 +126,7 @@ static void block_spmm(const S* x, i64 n, i64 n_src, const S* values, i64 vs0, i
                        const i64* src, i64 nnzb, i64 b, S* y, i64 n_dst, int nthreads) {
   // Tokens per micro-kernel: at most 8, as rows of x a power-of-two stride apart fall in one (8-way) L1 set.
   constexpr int T = B ? std::max<int>(1, std::min<int>(8, kAccBytes / int(B * sizeof(S)))) : 1;
-  constexpr i64 kTile = 64;  // tokens per task
+  constexpr i64 kTile = 64;  // tokens per task (32 to 256 measured alike)
   const i64 rows = n_dst / b;
   // Counting sort of the blocks by dst (stable, so each row adds its blocks in the caller's order).
   std::vector<i64> start(rows + 1, 0), order(nnzb);
@@ -132,8 +137,8 @@ static void block_spmm(const S* x, i64 n, i64 n_src, const S* values, i64 vs0, i
     for (i64 k = 0; k < nnzb; k++) order[next[dst[k]]++] = k;
   }
   // Blocks in that order as V^T (vt[p][j][i] = V[order[p]][i][j]), and the x column where each starts.
-  std::vector<S> vt(nnzb * b * b);
-  std::vector<i64> off(nnzb);
+  auto vt = scratch<S>(nnzb * b * b);
+  auto off = scratch<i64>(nnzb);
   const i64 tiles = (n + kTile - 1) / kTile;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -149,15 +154,16 @@ static void block_spmm(const S* x, i64 n, i64 n_src, const S* values, i64 vs0, i
 #pragma omp for collapse(2) schedule(dynamic)
     for (i64 tile = 0; tile < tiles; tile++)
       for (i64 d = 0; d < rows; d++) {
-        const S* vd = vt.data() + start[d] * b * b;
-        const i64* od = off.data() + start[d];
+        const S* vd = vt.get() + start[d] * b * b;
+        const i64* od = off.get() + start[d];
         const i64 nb = start[d + 1] - start[d], t1 = std::min<i64>(n, (tile + 1) * kTile);
+        S* yd = y + d * b;
         i64 t = tile * kTile;
         if constexpr (B > 0) {
-          for (; t + T <= t1; t += T) spmm_micro<S, B, T>(x + t * n_src, n_src, vd, od, nb, y + t * n_dst + d * b, n_dst);
-          for (; t < t1; t++) spmm_micro<S, B, 1>(x + t * n_src, n_src, vd, od, nb, y + t * n_dst + d * b, n_dst);
+          for (; t + T <= t1; t += T) spmm_micro<S, B, T>(x + t * n_src, n_src, vd, od, nb, yd + t * n_dst, n_dst);
+          for (; t < t1; t++) spmm_micro<S, B, 1>(x + t * n_src, n_src, vd, od, nb, yd + t * n_dst, n_dst);
         } else {
-          spmm_any(x + t * n_src, n_src, vd, od, nb, b, y + t * n_dst + d * b, t1 - t, n_dst);
+          spmm_any(x + t * n_src, n_src, vd, od, nb, b, yd + t * n_dst, t1 - t, n_dst);
         }
       }
   }
@@ -171,7 +177,7 @@ static void block_spmm(const S* x, i64 n, i64 n_src, const S* values, i64 vs0, i
 template <typename S, int B>
 static void sddmm_block(const S* g, i64 ldg, const S* x, i64 ldx, i64 n, S* out, bool add) {
   using V = Simd<S>;
-  constexpr int NV = B / V::lanes, I = std::min<int>(B, kAccBytes / int(B * sizeof(S)));
+  constexpr int NV = B / V::lanes, I = std::max<int>(1, std::min<int>(B, kAccBytes / int(B * sizeof(S))));
   for (int i0 = 0; i0 < B; i0 += I) {
     typename V::vec acc[I][NV] = {};
     if (add)
@@ -213,8 +219,8 @@ template <typename S, int B>
 static void block_sddmm(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, const i64* rows, const i64* cols,
                         i64 nnzb, i64 b, S* out, int nthreads) {
   // Chunks of tokens outermost: a chunk of g and x is reused from cache by all blocks.
-#pragma omp parallel num_threads(nthreads)
   constexpr i64 kChunk = 256;
+#pragma omp parallel num_threads(nthreads)
   for (i64 t0 = 0; t0 < std::max<i64>(n, 1); t0 += kChunk) {  // n = 0 still zeroes out
     const i64 nt = std::min(kChunk, n - t0);
 #pragma omp for schedule(dynamic)
@@ -235,7 +241,7 @@ static void block_sddmm(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, cons
 // while all rows use it. Tiles are processed one after another, the rows of each split among the threads.
 
 template <typename S>
-constexpr int kTileW = 128 / sizeof(S);  // tokens per tile: two cache lines per feature
+constexpr int kTileW = 256 / sizeof(S);  // tokens per tile: four cache lines per feature (measured > two or eight)
 
 // xt[f][w] = a[w][f] for w < nt (a has row stride lda), zero for nt <= w < W. Work-shared: call from a team.
 template <typename S, int W>
@@ -254,11 +260,11 @@ static void csr_spmm(const S* x, i64 n, i64 n_in, const i64* crow, const i64* co
   using V = Simd<S>;
   constexpr int W = kTileW<S>, NW = W / V::lanes;
   constexpr i64 R = 16;  // rows per chunk: a chunk's W x R outputs are written to y as W runs of R values
-  std::vector<S> xt(n_in * W);
+  auto xt = scratch<S>(n_in * W);
 #pragma omp parallel num_threads(nthreads)
   for (i64 t0 = 0; t0 < n; t0 += W) {
     const i64 nt = std::min<i64>(W, n - t0);
-    transpose_tile<S, W>(x + t0 * n_in, n_in, nt, n_in, xt.data());
+    transpose_tile<S, W>(x + t0 * n_in, n_in, nt, n_in, xt.get());
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 4)
     for (i64 o0 = 0; o0 < n_out; o0 += R) {
@@ -270,13 +276,13 @@ static void csr_spmm(const S* x, i64 n, i64 n_in, const i64* crow, const i64* co
         for (; k + 1 < crow[o + 1]; k += 2)
 #pragma GCC unroll 2
           for (int h = 0; h < 2; h++) {
-            const S* p = xt.data() + col[k + h] * W;
+            const S* p = xt.get() + col[k + h] * W;
             const typename V::vec v = V::splat(val[k + h]);
 #pragma GCC unroll 8
             for (int m = 0; m < NW; m++) acc[h][m] += v * V::load(p + m * V::lanes);
           }
         if (k < crow[o + 1]) {
-          const S* p = xt.data() + col[k] * W;
+          const S* p = xt.get() + col[k] * W;
 #pragma GCC unroll 8
           for (int m = 0; m < NW; m++) acc[0][m] += V::splat(val[k]) * V::load(p + m * V::lanes);
         }
@@ -295,20 +301,20 @@ static void csr_sddmm(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, const 
                       S* vals, int nthreads) {
   using V = Simd<S>;
   constexpr int W = kTileW<S>, NW = W / V::lanes, L = V::lanes;
-  std::vector<S> gt(n_out * W), xt(n_in * W);
+  auto gt = scratch<S>(n_out * W), xt = scratch<S>(n_in * W);
 #pragma omp parallel num_threads(nthreads)
   for (i64 t0 = 0; t0 < n; t0 += W) {
     const i64 nt = std::min<i64>(W, n - t0);
-    transpose_tile<S, W>(g + t0 * n_out, n_out, nt, n_out, gt.data());
-    transpose_tile<S, W>(x + t0 * n_in, n_in, nt, n_in, xt.data());
+    transpose_tile<S, W>(g + t0 * n_out, n_out, nt, n_out, gt.get());
+    transpose_tile<S, W>(x + t0 * n_in, n_in, nt, n_in, xt.get());
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 16)
     for (i64 o = 0; o < n_out; o++) {
       typename V::vec go[NW], part[L];
 #pragma GCC unroll 8
-      for (int m = 0; m < NW; m++) go[m] = V::load(gt.data() + o * W + m * L);
+      for (int m = 0; m < NW; m++) go[m] = V::load(gt.get() + o * W + m * L);
       auto dot = [&](i64 k) {  // the tile's W products of nonzero k, as a vector to be summed
-        const S* p = xt.data() + col[k] * W;
+        const S* p = xt.get() + col[k] * W;
         typename V::vec s = go[0] * V::load(p);
 #pragma GCC unroll 8
         for (int m = 1; m < NW; m++) s += go[m] * V::load(p + m * L);
@@ -357,27 +363,27 @@ static int block_sddmm_any(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, c
   return 0;
 }
 
-#define SPARSECC_EXPORT(S, sfx)                                                                                    \
-  extern "C" int sparsecc_block_spmm_##sfx(const S* x, i64 n, i64 n_src, const S* values, i64 vs0, i64 vs1,      \
-                                            i64 vs2, const i64* dst, const i64* src, i64 nnzb, i64 b, S* y,      \
-                                            i64 n_dst, int nthreads) {                                           \
-    return block_spmm_any<S>(x, n, n_src, values, vs0, vs1, vs2, dst, src, nnzb, b, y, n_dst, nthreads);         \
-  }                                                                                                              \
-  extern "C" int sparsecc_block_sddmm_##sfx(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, const i64* rows, \
-                                             const i64* cols, i64 nnzb, i64 b, S* out, int nthreads) {           \
-    return block_sddmm_any<S>(g, x, n, n_out, n_in, rows, cols, nnzb, b, out, nthreads);                         \
-  }                                                                                                              \
-  extern "C" int sparsecc_csr_spmm_##sfx(const S* x, i64 n, i64 n_in, const i64* crow, const i64* col, i64 nnz, \
-                                          const S* val, S* y, i64 n_out, int nthreads) {                         \
-    if (bad_csr(crow, n_out, col, nnz, n_in)) return 1;                                                             \
-    csr_spmm<S>(x, n, n_in, crow, col, val, y, n_out, nthreads);                                                 \
-    return 0;                                                                                                    \
-  }                                                                                                              \
-  extern "C" int sparsecc_csr_sddmm_##sfx(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, const i64* crow,   \
-                                           const i64* col, i64 nnz, S* vals, int nthreads) {                     \
-    if (bad_csr(crow, n_out, col, nnz, n_in)) return 1;                                                             \
-    csr_sddmm<S>(g, x, n, n_out, n_in, crow, col, vals, nthreads);                                               \
-    return 0;                                                                                                    \
+#define SPARSECC_EXPORT(S, sfx)                                                                                      \
+  extern "C" int sparsecc_block_spmm_##sfx(const S* x, i64 n, i64 n_src, const S* values, i64 vs0, i64 vs1,          \
+                                            i64 vs2, const i64* dst, const i64* src, i64 nnzb, i64 b, S* y,          \
+                                            i64 n_dst, int nthreads) {                                               \
+    return block_spmm_any<S>(x, n, n_src, values, vs0, vs1, vs2, dst, src, nnzb, b, y, n_dst, nthreads);             \
+  }                                                                                                                  \
+  extern "C" int sparsecc_block_sddmm_##sfx(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, const i64* rows,     \
+                                             const i64* cols, i64 nnzb, i64 b, S* out, int nthreads) {               \
+    return block_sddmm_any<S>(g, x, n, n_out, n_in, rows, cols, nnzb, b, out, nthreads);                             \
+  }                                                                                                                  \
+  extern "C" int sparsecc_csr_spmm_##sfx(const S* x, i64 n, i64 n_in, const i64* crow, const i64* col, i64 nnz,      \
+                                          const S* val, S* y, i64 n_out, int nthreads) {                             \
+    if (bad_csr(crow, n_out, col, nnz, n_in)) return 1;                                                              \
+    csr_spmm<S>(x, n, n_in, crow, col, val, y, n_out, nthreads);                                                     \
+    return 0;                                                                                                        \
+  }                                                                                                                  \
+  extern "C" int sparsecc_csr_sddmm_##sfx(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, const i64* crow,       \
+                                           const i64* col, i64 nnz, S* vals, int nthreads) {                         \
+    if (bad_csr(crow, n_out, col, nnz, n_in)) return 1;                                                              \
+    csr_sddmm<S>(g, x, n, n_out, n_in, crow, col, vals, nthreads);                                                   \
+    return 0;                                                                                                        \
   }
 
 SPARSECC_EXPORT(float, f32)

@@ -95,6 +95,13 @@ def available() -> bool:
     return _load()[0] is not None
 
 
+def usable(t: torch.Tensor) -> bool:
+    """Whether the kernels can take this operand: a CPU float32/float64 tensor, kernels built, not disabled
+    (SPARSECC_NATIVE=0 makes the ops use their PyTorch fallbacks)."""
+    return t.device.type == "cpu" and t.dtype in _SUFFIX and os.environ.get("SPARSECC_NATIVE") != "0" \
+        and available()
+
+
 def why_unavailable() -> str | None:
     """Why the kernels are not available (the compiler's error), or None if they are."""
     return _load()[1]
