@@ -91,17 +91,17 @@ class DynamicSparsity:
         changed = {}
         for name, mask in masks.items():
             pattern = model.sparsecc_patterns[name]
-            w, sw = params[name], registered(params[name])
+            w, compiled = params[name], registered(params[name])
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            new = self.update(mask, w, None if grads is None else grads[name], pattern, step, gen,
-                              sw.support if sw is not None else mask)
+            support = compiled[0].support if compiled else mask     # every graph compiled this count
+            new = self.update(mask, w, None if grads is None else grads[name], pattern, step, gen, support)
             changed[name] = int((new != mask).sum())
             w.mul_(new)
             if optimizer is not None:
                 for state in optimizer.state.get(w, {}).values():
                     if isinstance(state, torch.Tensor) and state.shape == w.shape:
                         state.mul_(new)
-            if sw is not None:
+            for sw in compiled:
                 sw.set_mask(new, support=None if self.method == "magnitude" else new)
             mask.copy_(new)
         return changed

@@ -9,6 +9,7 @@ import difflib
 import html
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,13 @@ class Report:
             lines += [f"    {n}" for n in p.notes if "frozen" not in n]
         return "\n".join(lines)
 
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Source of the Triton kernels sparsecc generated in this process so far (they are generated when the
+        compiled graphs first run on a GPU, or with SPARSECC_TRITON=1), by name."""
+        triton = sys.modules.get("sparsecc.codegen.triton")
+        return triton.generated_sources() if triton is not None else {}
+
     def diff(self, before: str, after: str) -> str:
         return "\n".join(difflib.unified_diff(self.graphs[before].splitlines(), self.graphs[after].splitlines(),
                                               before, after, lineterm=""))
@@ -94,6 +102,10 @@ class Report:
         parts.append("<h2>Graphs</h2>")
         for name, code in self.graphs.items():
             parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(code)}</pre></details>")
+        if self.kernels:
+            parts.append("<h2>Generated Triton kernels</h2>")
+            for name, code in self.kernels.items():
+                parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(code)}</pre></details>")
         parts.append("</body></html>")
         return "\n".join(parts)
 

@@ -13,6 +13,7 @@ for NM and Unstructured patterns and for masks picked up from torch.nn.utils.pru
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ def _matrix_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape[0], -1)
 
 
-@dataclass
+@dataclass(eq=False)      # identity semantics: held in weak sets
 class SparseWeight:
     name: str
     pattern: Pattern
@@ -105,17 +106,18 @@ class SparseWeight:
         return _values(self.format, _matrix(weight), self.block, [self.index[k] for k in keys])
 
 
-# ---- registry: parameter -> its SparseWeight (shared by every graph that uses the parameter) ----------------
+# ---- registry: parameter -> the SparseWeights of the compiled graphs that use it ------------------------------
+# Weak on both sides: a graph's SparseWeight lives as long as the compiled graph (torch._dynamo.reset() frees it).
 
-_REGISTRY = WeakIdKeyDictionary()     # a parameter (by identity) -> its SparseWeight
+_REGISTRY = WeakIdKeyDictionary()
 
 
-def registered(param: torch.Tensor) -> SparseWeight | None:
-    return _REGISTRY.get(param)
+def registered(param: torch.Tensor) -> list[SparseWeight]:
+    return list(_REGISTRY.get(param, ()))
 
 
 def register(param: torch.Tensor, sw: SparseWeight) -> SparseWeight:
-    _REGISTRY[param] = sw
+    _REGISTRY.setdefault(param, weakref.WeakSet()).add(sw)
     return sw
 
 

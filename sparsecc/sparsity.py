@@ -145,14 +145,24 @@ class Sparsity:
 @torch.no_grad()
 def sparsify(model: torch.nn.Module, spec: Sparsity) -> dict[str, torch.Tensor]:
     """Prune every weight spec names to its pattern by magnitude (in place) and record the masks on the
-    model (`model.sparsecc_masks`, name -> bool mask). Validates everything before changing anything."""
+    model (`model.sparsecc_masks`, name -> bool mask). Validates everything before changing anything.
+    A weight that compiled graphs already use is re-pruned in place when its stored count stays the same
+    (the graphs follow, no recompilation); a new count needs the graphs dropped first (torch._dynamo.reset())."""
+    from .sparse_weights import registered
     if not isinstance(spec, Sparsity):
         raise ConfigError(f"sparsify needs a sparsecc.Sparsity, got {type(spec).__name__}")
     params = dict(model.named_parameters(remove_duplicate=False))    # tied weights under every name
     patterns = spec.resolve(params)
     masks = {name: pattern.mask(params[name]).to(params[name].device) for name, pattern in patterns.items()}
     for name, mask in masks.items():
+        for sw in registered(params[name]):
+            if sw.pattern != patterns[name]:
+                raise ConfigError(f"{name!r} is compiled as {sw.pattern}; re-sparsifying it as {patterns[name]} "
+                                  f"needs a recompilation: call torch._dynamo.reset() first")
+    for name, mask in masks.items():
         params[name].mul_(mask)
+        for sw in registered(params[name]):
+            sw.set_mask(mask, support=mask)
     model.sparsecc_masks = {**getattr(model, "sparsecc_masks", {}), **masks}
     model.sparsecc_patterns = {**getattr(model, "sparsecc_patterns", {}), **patterns}
     return masks

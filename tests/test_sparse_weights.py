@@ -316,7 +316,8 @@ def test_dynamic_sparsity_matches_reference_without_recompiling(method):
             ref_loss = loss_of(model(*inputs))
         torch.testing.assert_close(loss_of(compiled(*inputs)).detach(), ref_loss, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] <= 2      # one training graph (+ one no-grad graph), none per update
-    assert torch.equal(registered(head).mask, model.sparsecc_masks[name])
+    (sw,) = registered(head)
+    assert torch.equal(sw.mask, model.sparsecc_masks[name])
 
 
 def test_gradual_magnitude_pruning_shrinks_density_on_a_fixed_support():
@@ -334,9 +335,25 @@ def test_gradual_magnitude_pruning_shrinks_density_on_a_fixed_support():
     mask = model.sparsecc_masks["fc2.weight"]
     expected = dyn.density_at(3, support.float().mean().item())
     assert math.isclose(mask.float().mean().item(), expected, abs_tol=1 / mask.numel())
-    assert not (mask & ~support).any() and torch.equal(registered(model.fc2.weight).support, support)
+    assert not (mask & ~support).any() and torch.equal(registered(model.fc2.weight)[0].support, support)
     loss_of(compiled(*inputs)).backward()
     assert model.fc2.weight.grad[~mask].abs().max() == 0
+
+
+def test_resparsifying_a_compiled_weight_updates_its_graph_or_asks_for_a_recompile():
+    model, inputs, spec = sparse_model("transformer")
+    compiled = torch.compile(model, backend=sparsecc.backend(sparsity=spec, cost_model="off", executor="eager"))
+    compiled(*inputs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))     # dense again: sparsify must choose new masks
+    sparsecc.sparsify(model, spec)          # same patterns, same counts: the compiled graph follows in place
+    with torch.no_grad():
+        torch.testing.assert_close(loss_of(compiled(*inputs)), loss_of(model(*inputs)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(sparsecc.ConfigError, match="compiled as Unstructured.*torch._dynamo.reset"):
+        sparsecc.sparsify(model, sparsecc.Sparsity({"head.weight": sparsecc.Unstructured(0.5)}))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

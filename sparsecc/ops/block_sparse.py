@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import native
+from .device import triton_kernels, use_triton
 
 
 def block_index(mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +50,8 @@ def _spmm(x, values, dst, src, n_dst):
 
     The C++/OpenMP kernel when it is built; else one small GEMM per block on strided views (no gathered
     copies of x): measured 3-10x faster than gathering the blocks' slices for one batched GEMM."""
+    if use_triton(x):
+        return triton_kernels().block_spmm(x, values, dst, src, n_dst)
     if native.usable(x):
         return native.block_spmm(x, values, dst, src, n_dst)
     b = values.shape[-1]
@@ -73,6 +76,8 @@ def block_sparse_mm_t(g: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
 
 @torch.library.custom_op("sparsecc::block_sddmm", mutates_args=())
 def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int) -> torch.Tensor:
+    if use_triton(g):
+        return triton_kernels().block_sddmm(g, x, rows, cols, b)
     if native.usable(g):
         return native.block_sddmm(g, x, rows, cols, b)
     out = g.new_empty(rows.shape[0], b, b)

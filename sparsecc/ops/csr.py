@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import native
+from .device import triton_kernels, use_triton
 
 
 def to_csr(mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -44,8 +45,12 @@ def _sparse(crow, col, values, shape):
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _spmm(x, values, crow, col, n_out):
-    """x @ W^T with W [n_out, x.shape[1]] in CSR."""
+def _spmm(x, values, crow, col, n_out, perm=None):
+    """x @ W^T with W [n_out, x.shape[1]] in CSR; its k-th stored value is values[perm[k]] when perm is given."""
+    if use_triton(x):
+        return triton_kernels().csr_spmm(x, crow, col, values, n_out, perm=perm)
+    if perm is not None:
+        values = values[perm]
     if native.usable(x):
         return native.csr_spmm(x, crow, col, values, n_out)
     return (_sparse(crow, col, values, (n_out, x.shape[1])) @ x.t()).t().contiguous()
@@ -60,11 +65,13 @@ def csr_mm(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch
 @torch.library.custom_op("sparsecc::csr_mm_t", mutates_args=())
 def csr_mm_t(g: torch.Tensor, values: torch.Tensor, t_crow: torch.Tensor, t_col: torch.Tensor,
              t_perm: torch.Tensor, n_in: int) -> torch.Tensor:
-    return _spmm(g, values[t_perm], t_crow, t_col, n_in)
+    return _spmm(g, values, t_crow, t_col, n_in, perm=t_perm)
 
 
 @torch.library.custom_op("sparsecc::csr_sddmm", mutates_args=())
 def csr_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        return triton_kernels().csr_sddmm(g, x, crow, col)
     if native.usable(x):
         return native.csr_sddmm(g, x, crow, col)
     pattern = _sparse(crow, col, x.new_ones(col.shape[0]), (g.shape[1], x.shape[1]))

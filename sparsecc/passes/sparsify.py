@@ -23,7 +23,7 @@ from torch._guards import detect_fake_mode
 
 from .. import cost_model
 from ..config import ConfigError
-from ..sparse_weights import LINEAR, SparseWeight, conv1x1, register, registered
+from ..sparse_weights import LINEAR, SparseWeight, conv1x1, register
 from ..sparsity import Unstructured
 from . import PassResult
 
@@ -53,6 +53,7 @@ class Rewrite:
     sparse_params: set[str] = field(default_factory=set)
     picked_masks: dict[int, SparseWeight] = field(default_factory=dict)   # input position -> its weight
     graphs: dict[str, str] = field(default_factory=dict)                 # Dynamo's graph before and after
+    weights: list[SparseWeight] = field(default_factory=list)  # kept alive by the compiled graph's wrapper
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -144,8 +145,8 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
     placeholders = _placeholders(gm)
     sources: list[Source] = []
     for pos, (name, pattern, mask) in _recorded(root, config, params_by_pos).items():
-        sw = registered(inputs[pos]) or register(inputs[pos], SparseWeight.create(name, pattern, mask,
-                                                                                  inputs[pos].dtype))
+        sw = register(inputs[pos], SparseWeight.create(name, pattern, mask, inputs[pos].dtype))
+        rewrite.weights.append(sw)
         sources.append(Source(sw, placeholders[pos], placeholders[pos], None))
     for product, p, pos, mask_pos in _picked_up(gm, inputs, params_by_pos):
         name, mask = params_by_pos[pos][0], inputs[mask_pos] != 0

@@ -1,0 +1,22 @@
+"""Which implementation runs a sparsecc:: op: Triton kernels (sparsecc.codegen.triton) for GPU tensors, or for
+CPU tensors when SPARSECC_TRITON=1 (with TRITON_INTERPRET=1: Triton's interpreter, how CI checks them);
+otherwise the CPU kernels (C++/OpenMP, or PyTorch fallbacks)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or os.environ.get("SPARSECC_TRITON") == "1"
+
+
+def triton_kernels():
+    """The generated-kernel launchers; a clear error when triton is not installed."""
+    try:
+        from ..codegen import triton as kernels
+    except ImportError as e:
+        raise RuntimeError(f"sparsecc needs the 'triton' package for GPU tensors (or SPARSECC_TRITON=1): {e}; "
+                           f"pip install -c constraints.txt triton") from e
+    return kernels
