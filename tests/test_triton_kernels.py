@@ -1,0 +1,460 @@
+"""sparsecc's generated Triton kernels: parity with eager PyTorch in the Triton interpreter on CPU tensors, and
+ahead-of-time compilation of every variant for sm_80, sm_87 (Jetson Orin), sm_90 and gfx942 (MI300).
+
+Two processes, because Triton's interpreter must be switched on (TRITON_INTERPRET=1) before triton is imported,
+and a process that imported triton that way cannot compile for a GPU:
+- this file, run as a script with TRITON_INTERPRET=1 in a subprocess, runs every case below in the
+  interpreter and writes each case's mismatch (or None) and the kernels it generated to a JSON file;
+- the pytest process meanwhile plans every case for the interpreter and for each GPU target (launchers inside
+  `planned(target)` report the kernel sources they would run, and launch nothing) and compiles them, one
+  process per CPU: the interpreter's variants for all four targets, each target's own variants (its tuned
+  tiles, warps and stages) for it. A variant that fails to compile or needs more shared memory than the target
+  has fails its case. test_interpreter_ran_the_planned_kernels checks that the interpreter ran exactly the
+  kernels planned for it, so the compiled variants are the ones whose results were checked.
+
+Shapes are <= 128 per dimension with ragged edges (N = 1, sizes that are no multiple of any tile, empty block
+rows and CSR rows, zero nonzeros). References are eager float64 computations on the same (rounded) operands.
+Tolerances: fp32 torch.testing's defaults. fp16 and bf16 kernels accumulate in fp32 and round once at the end,
+so they are within about one unit in the last place of the reference rounded to their dtype:
+fp16 rtol 2e-3 (2 ulp; fp16's ulp is 2**-10 relative), bf16 rtol 1.6e-2 (2 ulp; 2**-7), both with an atol of
+1e-4 / 1e-3 for results that cancel to near zero. The optimizer cases compare with torch.optim run in fp32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sparsecc.codegen import triton as T  # noqa: E402  (after the skip)
+from sparsecc.codegen.triton.generator import generate, imported_for_interpreter  # noqa: E402
+from sparsecc.ops.block_sparse import to_blocks  # noqa: E402
+from sparsecc.ops.csr import to_csr  # noqa: E402
+from sparsecc.sparsity import NM  # noqa: E402
+
+TOL = {torch.float32: {}, torch.float16: {"rtol": 2e-3, "atol": 1e-4}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-3}}
+CASES = {}
+
+
+def case(fn):
+    """A case runs launchers and returns (result, expected) pairs; expected has the result's dtype."""
+    CASES[fn.__name__.removeprefix("case_")] = fn
+    return fn
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def ref(fn, *tensors, dtype):
+    """fn on float64 copies of the tensors, rounded to dtype."""
+    return fn(*(t.double() for t in tensors)).to(dtype)
+
+
+# --- block-sparse: y = x @ W^T, gx = g @ W (values read transposed), gW at the blocks -----------------------------
+
+def block_case(out, inp, b, n, dtype, empty=False):
+    grid = torch.rand(out // b, inp // b, generator=torch.Generator().manual_seed(b)) < 0.6
+    grid[0, 0] = True
+    grid[-1, :] = False                                     # a block-row with no blocks
+    if inp // b > 1:
+        grid[:, -1] = False                                 # a block-column with none (zero columns of gx)
+    if empty:
+        grid[:] = False
+    mask = grid.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    w = randn(out, inp, dtype=dtype, seed=1) * mask
+    values, rows, cols = to_blocks(w, mask, b)
+    x, g = randn(n, inp, dtype=dtype, seed=2), randn(n, out, dtype=dtype, seed=3)
+    dense_gw = ref(lambda g, x: g.t() @ x, g, x, dtype=dtype)
+    return [(T.block_spmm(x, values, rows, cols, out), ref(lambda x, w: x @ w.t(), x, w, dtype=dtype)),
+            (T.block_spmm(g, values.transpose(1, 2), cols, rows, inp), ref(lambda g, w: g @ w, g, w, dtype=dtype)),
+            (T.block_sddmm(g, x, rows, cols, b), to_blocks(dense_gw, mask, b)[0])]
+
+
+@case
+def case_block_b16_fp32():
+    return block_case(48, 80, 16, 37, torch.float32)
+
+
+@case
+def case_block_b16_fp32_one_row():
+    return block_case(48, 80, 16, 1, torch.float32)
+
+
+@case
+def case_block_b12_fp32_padded():
+    return block_case(36, 60, 12, 19, torch.float32)
+
+
+@case
+def case_block_b4_fp32_fma():
+    return block_case(24, 20, 4, 9, torch.float32)
+
+
+@case
+def case_block_fp32_no_blocks():
+    return block_case(32, 32, 16, 5, torch.float32, empty=True)
+
+
+@case
+def case_block_b32_fp16():
+    return block_case(64, 96, 32, 21, torch.float16)
+
+
+@case
+def case_block_b16_bf16():
+    return block_case(48, 80, 16, 37, torch.bfloat16)
+
+
+# --- CSR (unstructured): forward, input gradient on W^T's CSR through t_perm, gW at the nonzeros -------------------
+
+def csr_case(out, inp, n, dtype, density=0.3, empty=False):
+    mask = torch.rand(out, inp, generator=torch.Generator().manual_seed(5)) < (0.0 if empty else density)
+    mask[3, :] = False                                      # an empty row
+    mask[:, 7] = False                                      # an empty column (an empty row of W^T)
+    w = randn(out, inp, dtype=dtype, seed=6) * mask
+    i = to_csr(mask)
+    values = w.flatten()[i["flat"]]
+    x, g = randn(n, inp, dtype=dtype, seed=7), randn(n, out, dtype=dtype, seed=8)
+    return [(T.csr_spmm(x, i["crow"], i["col"], values, out), ref(lambda x, w: x @ w.t(), x, w, dtype=dtype)),
+            (T.csr_spmm(g, i["t_crow"], i["t_col"], values, inp, perm=i["t_perm"]),
+             ref(lambda g, w: g @ w, g, w, dtype=dtype)),
+            (T.csr_sddmm(g, x, i["crow"], i["col"]),
+             ref(lambda g, x: (g.t() @ x).flatten(), g, x, dtype=dtype)[i["flat"]])]
+
+
+@case
+def case_csr_fp32():
+    return csr_case(40, 70, 37, torch.float32)
+
+
+@case
+def case_csr_fp32_one_row_dense_rows():
+    return csr_case(24, 100, 1, torch.float32, density=0.9)
+
+
+@case
+def case_csr_fp32_no_nonzeros():
+    return csr_case(20, 30, 6, torch.float32, empty=True)
+
+
+@case
+def case_csr_fp16():
+    return csr_case(40, 70, 37, torch.float16)
+
+
+@case
+def case_csr_bf16():
+    return csr_case(40, 70, 37, torch.bfloat16)
+
+
+# --- N:M in ELL layout [out, K] -----------------------------------------------------------------------------------
+
+def nm_case(out, inp, n, m, tokens, dtype):
+    w = randn(out, inp, dtype=dtype, seed=9)
+    mask = NM(n, m).mask(w.float())
+    w = w * mask
+    i = to_csr(mask)
+    k = inp * n // m
+    values2d, col2d = w.flatten()[i["flat"]].view(out, k), i["col"].view(out, k)
+    x, g = randn(tokens, inp, dtype=dtype, seed=10), randn(tokens, out, dtype=dtype, seed=11)
+    gw = ref(lambda g, x: (g.t() @ x).flatten(), g, x, dtype=dtype)[i["flat"]].view(out, k)
+    return [(T.nm_mm(x, values2d, col2d, out, m=m), ref(lambda x, w: x @ w.t(), x, w, dtype=dtype)),
+            (T.nm_mm_t(g, values2d, col2d, inp, m=m), ref(lambda g, w: g @ w, g, w, dtype=dtype)),
+            (T.nm_sddmm(g, x, col2d, m=m), gw)]
+
+
+@case
+def case_nm_2_4_fp32():
+    return nm_case(40, 72, 2, 4, 37, torch.float32)
+
+
+@case
+def case_nm_3_8_fp32_one_row():
+    return nm_case(20, 48, 3, 8, 1, torch.float32)
+
+
+@case
+def case_nm_1_32_fp32_wide_groups():
+    return nm_case(18, 64, 1, 32, 5, torch.float32)
+
+
+@case
+def case_nm_2_4_fp16():
+    return nm_case(40, 72, 2, 4, 37, torch.float16)
+
+
+@case
+def case_nm_2_4_bf16():
+    return nm_case(40, 72, 2, 4, 37, torch.bfloat16)
+
+
+# --- Channels: the k-channel weight gradient read from the full activation ---------------------------------------
+
+def channels_case(n, out, c, dtype, dims=("in", "out")):
+    g, x = randn(n, out, dtype=dtype, seed=12), randn(n, c, dtype=dtype, seed=13)
+    x_view = torch.stack([x, -x], 2).view(n, 2 * c)[:, ::2]  # x as a strided view: read in place, not copied
+    idx_in = torch.randperm(c, generator=torch.Generator().manual_seed(14))[:11]
+    idx_out = torch.randperm(out, generator=torch.Generator().manual_seed(15))[:9]
+    pairs = []
+    if "in" in dims:
+        pairs += [(T.channels_weight_grad(g, x_view, 19, "in"), ref(lambda g, x: g.t() @ x[:, :19], g, x, dtype=dtype)),
+                  (T.channels_weight_grad(g, x, idx_in, "in"),
+                   ref(lambda g, x: g.t() @ x[:, idx_in], g, x, dtype=dtype))]
+    if "out" in dims:
+        pairs += [(T.channels_weight_grad(g, x, 13, "out"), ref(lambda g, x: g[:, :13].t() @ x, g, x, dtype=dtype)),
+                  (T.channels_weight_grad(g, x_view, idx_out, "out"),
+                   ref(lambda g, x: g[:, idx_out].t() @ x, g, x, dtype=dtype))]
+    return pairs
+
+
+@case
+def case_channels_fp32():
+    return channels_case(37, 40, 72, torch.float32)
+
+
+@case
+def case_channels_fp32_one_row():
+    return channels_case(1, 40, 72, torch.float32, dims=("in",))
+
+
+@case
+def case_channels_fp16():
+    return channels_case(37, 40, 72, torch.float16)
+
+
+@case
+def case_channels_bf16():
+    return channels_case(37, 40, 72, torch.bfloat16)
+
+
+# --- fused optimizer updates over trained rows, against torch.optim ----------------------------------------------
+
+ROWS = torch.tensor([3, 0, 17, 29, 8])
+
+
+def optimizer_case(dtype, make_optimizer, update, rows, steps, transposed=False, state_names=()):
+    """Runs `update(param, grad, rows, *state, step)` for `steps` steps on the 2-D view of a [30, 20] parameter
+    (its transpose if `transposed`) and torch.optim on fp32 copies of the trained rows; compares the whole
+    parameter (frozen rows unchanged) and the state."""
+    base = randn(20, 30, seed=16).t() if transposed else randn(30, 20, seed=16)   # transposed: strides (1, 30)
+    param = base.to(dtype)
+    sel = rows if isinstance(rows, torch.Tensor) else torch.arange(rows)
+    k = sel.shape[0]
+    trained = param[sel].float().clone().requires_grad_()
+    opt = make_optimizer(trained)
+    state = [torch.zeros(k, 20, dtype=dtype) for _ in state_names]
+    for step in range(1, steps + 1):
+        grad = randn(k, 20, dtype=dtype, seed=100 + step)
+        update(param, grad, rows, *state, step)
+        trained.grad = grad.float()
+        opt.step()
+    expected = param.float().clone()
+    expected[sel] = trained.detach()
+    states = [(s, opt.state[trained][name].to(dtype)) for s, name in zip(state, state_names)]
+    return [(param, expected.to(dtype)), *states]
+
+
+def sgd(lr, **kw):
+    return lambda p: torch.optim.SGD([p], lr=lr, **kw)
+
+
+def adamw(lr, **kw):
+    return lambda p: torch.optim.AdamW([p], lr=lr, **kw)
+
+
+@case
+def case_sgd_nesterov_fp32():
+    kw = {"momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
+    return optimizer_case(torch.float32, sgd(0.1, **kw), lambda p, g, r, b, s: T.sgd_rows(p, g, r, b, lr=0.1, **kw),
+                          ROWS, 3, state_names=("momentum_buffer",))
+
+
+@case
+def case_sgd_plain_fp32_first_rows_tensor_lr():
+    lr = torch.tensor(0.05)
+    return optimizer_case(torch.float32, sgd(0.05), lambda p, g, r, s: T.sgd_rows(p, g, r, lr=lr), 7, 2)
+
+
+@case
+def case_sgd_momentum_fp32_transposed_view():
+    return optimizer_case(torch.float32, sgd(0.1, momentum=0.5),
+                          lambda p, g, r, b, s: T.sgd_rows(p, g, r, b, lr=0.1, momentum=0.5), ROWS, 2, transposed=True,
+                          state_names=("momentum_buffer",))
+
+
+@case
+def case_sgd_momentum_fp16():
+    return optimizer_case(torch.float16, sgd(0.1, momentum=0.9),
+                          lambda p, g, r, b, s: T.sgd_rows(p, g, r, b, lr=0.1, momentum=0.9), ROWS, 1,
+                          state_names=("momentum_buffer",))
+
+
+@case
+def case_sgd_momentum_bf16():
+    return optimizer_case(torch.bfloat16, sgd(0.1, momentum=0.9),
+                          lambda p, g, r, b, s: T.sgd_rows(p, g, r, b, lr=0.1, momentum=0.9), ROWS, 1,
+                          state_names=("momentum_buffer",))
+
+
+@case
+def case_sgd_no_rows():
+    return optimizer_case(torch.float32, sgd(0.1), lambda p, g, r, s: T.sgd_rows(p, g, r, lr=0.1), 0, 1)
+
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+@case
+def case_adamw_fp32():
+    return optimizer_case(torch.float32, adamw(0.01, weight_decay=0.1),
+                          lambda p, g, r, m, v, s: T.adamw_rows(p, g, r, m, v, lr=0.01, step=float(s),
+                                                                weight_decay=0.1),
+                          ROWS, 3, state_names=ADAM_STATE)
+
+
+@case
+def case_adamw_fp32_device_scalars_first_rows():
+    lr = torch.tensor(0.01)
+    return optimizer_case(torch.float32, adamw(0.01, betas=(0.8, 0.99)),
+                          lambda p, g, r, m, v, s: T.adamw_rows(p, g, r, m, v, lr=lr, step=torch.tensor(float(s)),
+                                                                betas=(0.8, 0.99)),
+                          9, 3, state_names=ADAM_STATE)
+
+
+@case
+def case_adamw_fp16():
+    return optimizer_case(torch.float16, adamw(0.01),
+                          lambda p, g, r, m, v, s: T.adamw_rows(p, g, r, m, v, lr=0.01, step=float(s)), ROWS, 1,
+                          state_names=ADAM_STATE)
+
+
+@case
+def case_adamw_bf16():
+    return optimizer_case(torch.bfloat16, adamw(0.01),
+                          lambda p, g, r, m, v, s: T.adamw_rows(p, g, r, m, v, lr=0.01, step=float(s)), ROWS, 1,
+                          state_names=ADAM_STATE)
+
+
+# --- the interpreter subprocess -------------------------------------------------------------------------------------
+
+def run_cases_in_interpreter(path: str) -> None:
+    """(In the subprocess) run every case; write each one's error or None, and the kernels generated."""
+    errors = {}
+    for name, fn in CASES.items():
+        try:
+            for got, want in fn():
+                torch.testing.assert_close(got, want, **TOL[want.dtype])
+            errors[name] = None
+        except Exception:
+            errors[name] = traceback.format_exc()
+    Path(path).write_text(json.dumps({"errors": errors, "kernels": sorted(T.generated_sources())}))
+
+
+class Interpreter:
+    """The subprocess running the cases, started once for the module; results() waits for it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        env = {**os.environ, "TRITON_INTERPRET": "1",
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        self.log = out.with_suffix(".log")
+        with self.log.open("w") as log:   # a file, not a pipe: nobody reads while the compiles run
+            self.proc = subprocess.Popen([sys.executable, __file__, str(out)], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self._results = None
+
+    def results(self) -> dict:
+        if self._results is None:
+            self.proc.wait(timeout=900)
+            assert self.proc.returncode == 0, f"interpreter subprocess failed:\n{self.log.read_text()[-5000:]}"
+            self._results = json.loads(self.out.read_text())
+        return self._results
+
+
+@pytest.fixture(scope="module")
+def interpreter(tmp_path_factory):
+    run = Interpreter(tmp_path_factory.mktemp("triton_interpreter") / "results.json")
+    yield run
+    if run.proc.poll() is None:
+        run.proc.kill()
+        run.proc.wait()
+
+
+# --- the tests: compile (while the subprocess interprets), then collect the interpreter's verdicts --------------------
+
+def plans(name: str) -> dict[str, list]:
+    """The kernel sources case `name` runs in the interpreter and on each GPU target."""
+    out = {}
+    for target in ("interpreter", *T.TARGETS):
+        with T.planned(target) as sources:
+            CASES[name]()
+        out[target] = sources
+    return out
+
+
+def compile_jobs(planned: dict[str, list]) -> list[tuple]:
+    """The interpreter's variants for every GPU target, and each target's own variants for it."""
+    return [(s, t) for s in planned["interpreter"] for t in T.TARGETS] + \
+        [(s, t) for t in T.TARGETS for s in planned[t]]
+
+
+@pytest.fixture(scope="module")
+def planned_cases():
+    return {name: plans(name) for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def compiled(interpreter, planned_cases):
+    """(kernel, target) -> compile error or None, for every case, compiled in one process per CPU."""
+    if imported_for_interpreter():
+        pytest.skip("TRITON_INTERPRET=1 was set for the pytest process itself; it cannot compile for GPUs")
+    return T.compile_all([job for planned in planned_cases.values() for job in compile_jobs(planned)])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_variant_compiles_for_gpu_targets(name, compiled, planned_cases):
+    jobs = compile_jobs(planned_cases[name])
+    assert jobs or name.endswith(("no_blocks", "no_rows")), "only the cases of empty operands launch nothing"
+    failures = {f"{s.name} on {t}": compiled[s.name, t] for s, t in jobs if compiled[s.name, t]}
+    assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_interpreter_matches_eager(name, interpreter):
+    error = interpreter.results()["errors"][name]
+    assert error is None, error
+
+
+def test_interpreter_ran_the_planned_kernels(interpreter, planned_cases):
+    """The kernels compiled above (the interpreter's plans) are exactly the kernels the interpreter ran."""
+    planned = {s.name for p in planned_cases.values() for s in p["interpreter"]}
+    assert set(interpreter.results()["kernels"]) == planned
+
+
+def test_generated_sources_and_cache_files(tmp_path):
+    """Every generated kernel's source is retrievable by name, lives in the cache as <hash>.py, and dumps."""
+    source = T.templates.block_spmm("fp16", 32, 64)
+    kernel = generate(source)
+    assert T.generated_sources()[source.name] == source.text == kernel.path.read_text()
+    assert kernel.path.parent.name == "triton"
+    assert (tmp_path / "triton" / f"{source.name}.py") in T.dump_sources(tmp_path)
+
+
+def test_configs_cover_every_kernel_and_target():
+    for kernel, rows in T.CONFIGS.items():
+        assert set(rows) == {*T.TARGETS, "interpreter"}, kernel
+        for target, cfg in rows.items():
+            assert {"num_warps", "num_stages"} <= set(cfg), (kernel, target)
+            assert any(k.startswith("BLOCK_") for k in cfg), (kernel, target)
+
+
+if __name__ == "__main__":
+    run_cases_in_interpreter(sys.argv[1])
