@@ -5,9 +5,10 @@ from .dynamic import DynamicSparsity
 from .explain import explain
 from .optim import SGD, AdamW
 from .report import Report, reports
+from .search import SearchReport, search_scheme
 from .sparsity import NM, Blocks, Sparsity, Unstructured, sparsify
 from .train_step import TrainStep, compile_train_step
 
-__all__ = ["AdamW", "Blocks", "Channels", "Config", "ConfigError", "DynamicSparsity", "NM", "Report", "SGD", "Sparsity", "TrainStep",
-           "Unstructured", "UnsupportedGraphError", "UpdateScheme", "backend", "compile_train_step", "explain",
-           "reports", "sparsify"]
+__all__ = ["AdamW", "Blocks", "Channels", "Config", "ConfigError", "DynamicSparsity", "NM", "Report", "SGD",
+           "SearchReport", "Sparsity", "TrainStep", "Unstructured", "UnsupportedGraphError", "UpdateScheme", "backend",
+           "compile_train_step", "explain", "reports", "search_scheme", "sparsify"]
