@@ -53,7 +53,8 @@ def main():
                               "blocks.*.qkv.weight": sparsecc.Blocks(32, density=0.25),
                               "blocks.*.proj.weight": sparsecc.NM(2, 4)})
     sparsecc.sparsify(model, spec)
-    dyn = sparsecc.DynamicSparsity("rigl", every=10, end_step=args.steps, drop_fraction=0.3)
+    dyn = sparsecc.DynamicSparsity("rigl", every=10, end_step=args.steps, drop_fraction=0.3,
+                                   params="blocks.*.fc*.weight")      # the 2:4 weights keep their masks
     compiled = torch.compile(model, backend="sparsecc", options={"sparsity": spec})
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     text = torch.randint(0, 256, (8, 129))     # a fixed random "corpus": the model learns to memorise it

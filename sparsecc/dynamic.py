@@ -16,12 +16,13 @@ every dead entry is zeroed so that no update brings it back.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, closest
 from .sparse_weights import registered
 from .sparsity import NM, Blocks
 
@@ -36,6 +37,7 @@ class DynamicSparsity:
     drop_fraction: float = 0.3
     final_density: float | None = None
     seed: int = 0
+    params: str = "*"               # fnmatch pattern: which sparse weights move (others keep their masks)
 
     def __post_init__(self):
         if self.method not in _METHODS:
@@ -78,10 +80,14 @@ class DynamicSparsity:
         masks = getattr(model, "sparsecc_masks", None)
         if not masks:
             raise ConfigError("DynamicSparsity.step: the model has no sparse weights; call sparsecc.sparsify first")
-        for name, pattern in model.sparsecc_patterns.items():
-            if isinstance(pattern, NM):
+        moving = {n: m for n, m in masks.items() if fnmatch.fnmatchcase(n, self.params)}
+        if not moving:
+            raise ConfigError(f"DynamicSparsity params={self.params!r} matches no sparse weight."
+                              f"{closest(self.params, masks)}")
+        for name in moving:
+            if isinstance(model.sparsecc_patterns[name], NM):
                 raise ConfigError(f"DynamicSparsity cannot move {name!r}: an NM pattern fixes the count per group; "
-                                  f"use Unstructured or Blocks")
+                                  f"use Unstructured or Blocks, or leave it out with params=")
         if not self.due(step):
             return {}
         if self.method == "rigl" and grads is None:
@@ -89,7 +95,7 @@ class DynamicSparsity:
                               "grads=DynamicSparsity.dense_grads(model, closure)")
         params = dict(model.named_parameters(remove_duplicate=False))
         changed = {}
-        for name, mask in masks.items():
+        for name, mask in moving.items():
             pattern = model.sparsecc_patterns[name]
             w, compiled = params[name], registered(params[name])
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

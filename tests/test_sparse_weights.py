@@ -377,6 +377,8 @@ def test_bad_sparse_options_name_the_problem():
     with pytest.raises(sparsecc.ConfigError, match="'fc2.weight'.*NM pattern"):
         sparsecc.DynamicSparsity("set", every=1, end_step=5).step(model, 1)
     assert torch.equal(model.fc2.weight, before)
+    with pytest.raises(sparsecc.ConfigError, match="params='fc9.*' matches no sparse weight"):
+        sparsecc.DynamicSparsity("set", every=1, end_step=5, params="fc9.*").step(model, 1)
     with pytest.raises(sparsecc.ConfigError, match=r"compile_train_step does not rewrite sparse weights.*fc2.weight"):
         sparsecc.compile_train_step(model, lambda out, y: (out - y).square().mean(), optimizer=sparsecc.SGD(0.1),
                                     example_inputs=(inputs[0], torch.zeros(7, 6)))
