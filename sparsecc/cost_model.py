@@ -59,15 +59,6 @@ def _cache_file() -> Path:
     return cache_dir() / f"cost_model-{setup}.json"
 
 
-def _random_support(shape: LinearShape, gen: torch.Generator) -> torch.Tensor:
-    b = shape.block
-    grid = torch.rand(shape.out // b, shape.inp // b, generator=gen)
-    k = max(1, round(shape.density * grid.numel()))
-    keep = torch.zeros(grid.numel(), dtype=torch.bool)
-    keep[grid.flatten().topk(k).indices] = True
-    return keep.reshape(grid.shape).repeat_interleave(b, 0).repeat_interleave(b, 1)
-
-
 def _median_ms(fn, reps: int = 3) -> float:
     fn()
     times = []
@@ -84,8 +75,8 @@ def measure(shape: LinearShape) -> tuple[float, float]:
     from .sparsity import Blocks, Unstructured
 
     gen = torch.Generator().manual_seed(0)
-    support = _random_support(shape, gen)
     pattern = Blocks(shape.block, shape.density) if shape.fmt == "blocks" else Unstructured(shape.density)
+    support = pattern.mask(torch.randn(shape.out, shape.inp, generator=gen))    # random: norms of noise
     sw = SparseWeight.create("cost_model", pattern, support, shape.dtype)
     w = torch.randn(shape.out, shape.inp, generator=gen, dtype=shape.dtype) * support
     x = torch.randn(shape.tokens, shape.inp, generator=gen, dtype=shape.dtype)

@@ -19,17 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops  # noqa: F401  (registers the sparsecc:: ops)
-from .ops.block_sparse import block_index
+from .ops.block_sparse import block_index, block_values
 from .ops.csr import to_csr
 from .sparsity import Blocks, Pattern
 
 _CSR_KEYS = ("flat", "crow", "col", "t_crow", "t_col", "t_perm")
 _BLOCK_KEYS = ("rows", "cols")
-
-
-def _matrix_mask(mask: torch.Tensor) -> torch.Tensor:
-    return mask.reshape(mask.shape[0], -1)
 
 
 @dataclass(eq=False)      # identity semantics: held in weak sets
@@ -72,7 +67,7 @@ class SparseWeight:
         return f"{kind}, {self.pattern}, density {self.density:.3f}"
 
     def _index(self, support: torch.Tensor) -> dict[str, torch.Tensor]:
-        m = _matrix_mask(support)
+        m = _matrix(support)
         return dict(zip(_BLOCK_KEYS, block_index(m, self.block))) if self.format == "blocks" else to_csr(m)
 
     def inputs(self) -> list[torch.Tensor]:
@@ -97,8 +92,8 @@ class SparseWeight:
                 self.index[k].copy_(t)
         self.mask.copy_(mask)
         self.dense.copy_(mask)
-        self.keep.copy_(self.gather(mask.to(self.keep.dtype)).reshape(-1, self.block, self.block).amax((1, 2))
-                        if self.format == "blocks" else self.gather(mask.to(self.keep.dtype)))
+        live = self.gather(mask.to(self.keep.dtype))          # per stored entry; per block: any entry live
+        self.keep.copy_(live.amax((1, 2)) if self.format == "blocks" else live)
 
     def gather(self, weight: torch.Tensor) -> torch.Tensor:
         """The stored values of a weight-shaped tensor (eager; graphs use the same code via the functions below)."""
@@ -129,29 +124,30 @@ def _matrix(weight: torch.Tensor) -> torch.Tensor:
 
 def _values(fmt: str, w: torch.Tensor, b: int, index: list[torch.Tensor]) -> torch.Tensor:
     if fmt == "blocks":
-        rows, cols = index
-        out, inp = w.shape
-        return w.reshape(out // b, b, inp // b, b).permute(0, 2, 1, 3)[rows, cols]
+        return block_values(w, *index, b)
     (flat,) = index
     return w.reshape(-1)[flat]
+
+
+def _linear(x, w, bias, mm):
+    """linear(x, w, bias) with x's leading dims flattened for mm: [tokens, in] -> [tokens, out]."""
+    y = mm(x.reshape(-1, w.shape[1])).reshape(*x.shape[:-1], w.shape[0])
+    return y if bias is None else y + bias
 
 
 def block_linear(x, weight, bias, b: int, keep, rows, cols):
     """linear(x, weight, bias) computed on the weight's kept b x b blocks only."""
     w = _matrix(weight)
     values = _values("blocks", w, b, [rows, cols]) * keep[:, None, None]
-    y = torch.ops.sparsecc.block_sparse_mm(x.reshape(-1, w.shape[1]), values, rows, cols, w.shape[0])
-    y = y.reshape(*x.shape[:-1], w.shape[0])
-    return y if bias is None else y + bias
+    return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.block_sparse_mm(x2, values, rows, cols, w.shape[0]))
 
 
 def csr_linear(x, weight, bias, b: int, keep, flat, crow, col, t_crow, t_col, t_perm):
     """linear(x, weight, bias) computed on the weight's stored (CSR) entries only."""
     w = _matrix(weight)
     values = _values("csr", w, b, [flat]) * keep
-    y = torch.ops.sparsecc.csr_mm(x.reshape(-1, w.shape[1]), values, crow, col, t_crow, t_col, t_perm, w.shape[0])
-    y = y.reshape(*x.shape[:-1], w.shape[0])
-    return y if bias is None else y + bias
+    return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.csr_mm(x2, values, crow, col, t_crow, t_col, t_perm,
+                                                                   w.shape[0]))
 
 
 def conv1x1(fmt: str, x, weight, bias, *args):

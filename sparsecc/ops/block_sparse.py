@@ -30,10 +30,14 @@ def block_index(mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tens
 
 def to_blocks(weight: torch.Tensor, mask: torch.Tensor, size: int):
     """(values, rows, cols) of the blocks of weight where the block mask (constant per block) is set."""
-    out, inp = weight.shape
     rows, cols = block_index(mask, size)
-    blocks = weight.reshape(out // size, size, inp // size, size).permute(0, 2, 1, 3)
-    return blocks[rows, cols].contiguous(), rows, cols
+    return block_values(weight, rows, cols, size).contiguous(), rows, cols
+
+
+def block_values(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, size: int) -> torch.Tensor:
+    """The [nnzb, size, size] blocks of a 2-D weight at (rows, cols) (differentiable: graphs gather with it)."""
+    out, inp = weight.shape
+    return weight.reshape(out // size, size, inp // size, size).permute(0, 2, 1, 3)[rows, cols]
 
 
 def from_blocks(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape) -> torch.Tensor:

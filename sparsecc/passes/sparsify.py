@@ -56,10 +56,6 @@ class Rewrite:
     weights: list[SparseWeight] = field(default_factory=list)  # kept alive by the compiled graph's wrapper
 
 
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
 def _is_mask(t) -> bool:
     return isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dim() >= 2 and \
         bool(((t == 0) | (t == 1)).all())
@@ -74,7 +70,7 @@ def _unwrap_to(node):
 
 def _picked_up(gm, inputs, params) -> list[tuple[fx.Node, fx.Node, int, int]]:
     """(product node, parameter placeholder, parameter position, mask position) for param * 0/1-mask products."""
-    position = {n: i for i, n in enumerate(_placeholders(gm))}
+    position = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in (torch.mul, operator.mul):
@@ -142,7 +138,7 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
              ) -> Rewrite:
     """Rewrite gm (Dynamo's graph) in place; inputs are its example inputs, params_by_pos its parameter inputs."""
     rewrite = Rewrite(PassResult(NAME))
-    placeholders = _placeholders(gm)
+    placeholders = gm.graph.find_nodes(op="placeholder")
     sources: list[Source] = []
     for pos, (name, pattern, mask) in _recorded(root, config, params_by_pos).items():
         sw = register(inputs[pos], SparseWeight.create(name, pattern, mask, inputs[pos].dtype))
@@ -219,7 +215,7 @@ def _candidate(node: fx.Node, weight: fx.Node) -> tuple[str | None, str | None]:
 
 def _add_inputs(gm, tensors, prefix, rewrite) -> list[fx.Node]:
     """New graph inputs after Dynamo's, marked as Dynamo marks inputs that no user code produced."""
-    placeholders = _placeholders(gm)
+    placeholders = gm.graph.find_nodes(op="placeholder")
     fake_mode = detect_fake_mode([n.meta.get("example_value") for n in placeholders])
     last = placeholders[-1]
     nodes = []
