@@ -3,7 +3,10 @@
 Per kernel: median time, TFLOP/s of the useful (nonzero) work, and speedups over
   dense     the same product with the dense masked weight through cuBLAS/rocBLAS (torch.mm)
   bsr       torch.sparse._triton_ops (bsr_dense_mm for the products, sampled_addmm for the weight gradient),
-            for block-sparse weights only
+            for block-sparse weights
+  csr       torch.sparse CSR (cuSPARSE: CSR @ dense, sampled_addmm), for unstructured weights
+  2:4       torch.sparse's semi-structured 2:4 tensor (sparse tensor cores) for the 2:4 forward, where the GPU
+            and the shape support it
 The Channels weight gradient is compared with a gathered slice fed to torch.mm; the fused optimizer updates with
 torch.optim's foreach update of the gathered rows (index_select, update, index_copy_), in GB/s of parameter, grad
 and state traffic. Without a GPU it says so and exits 0: the kernels' correctness is tested in the interpreter
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import sys
 import warnings
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from common import cli, interleaved_medians
 
@@ -73,29 +78,45 @@ def block_section(T, size, tokens, dtype, rounds):
                 "bsr": lambda: bsr_ops.sampled_addmm(pattern, g.t(), x, beta=0.0)}), rounds))
 
 
+def available(name: str, make) -> dict:
+    """{name: make()} if that baseline builds and runs here, else {} with a note (this GPU, dtype or shape has
+    no support for it)."""
+    try:
+        fn = make()
+        fn()
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        print(f"  ({name} not measured: {str(e).splitlines()[0][:120]})")
+        return {}
+    return {name: fn}
+
+
 def csr_section(T, size, tokens, dtype, rounds):
     from sparsecc.ops.csr import to_csr
-    print(f"\nunstructured W {size}x{size}, {tokens} tokens, {dtype}; speedup: dense (cuBLAS)")
+    print(f"\nunstructured W {size}x{size}, {tokens} tokens, {dtype}; speedups: dense (cuBLAS), csr (cuSPARSE)")
     for density in (0.1, 0.02):
         mask = torch.rand(size, size, device="cuda") < density
         w = torch.randn(size, size, device="cuda", dtype=dtype) * mask
         i = to_csr(mask)
         values = w.flatten()[i["flat"]]
         x, g = (torch.randn(tokens, size, device="cuda", dtype=dtype) for _ in range(2))
+        w_csr, wt_csr, pattern = w.to_sparse_csr(), w.t().contiguous().to_sparse_csr(), mask.to(dtype).to_sparse_csr()
         flops = 2 * tokens * values.numel()
         row(f"forward density={density}", flops, interleaved_medians(synced({
-            "sparsecc": lambda: T.csr_spmm(x, i["crow"], i["col"], values, size), "dense": lambda: x @ w.t()}), rounds))
+            "sparsecc": lambda: T.csr_spmm(x, i["crow"], i["col"], values, size), "dense": lambda: x @ w.t(),
+            **available("csr", lambda: partial(torch.mm, w_csr, x.t()))}), rounds))
         row(f"input grad density={density}", flops, interleaved_medians(synced({
             "sparsecc": lambda: T.csr_spmm(g, i["t_crow"], i["t_col"], values, size, perm=i["t_perm"]),
-            "dense": lambda: g @ w}), rounds))
+            "dense": lambda: g @ w, **available("csr", lambda: partial(torch.mm, wt_csr, g.t()))}), rounds))
         row(f"weight grad density={density}", flops, interleaved_medians(synced({
-            "sparsecc": lambda: T.csr_sddmm(g, x, i["crow"], i["col"]), "dense": lambda: g.t() @ x}), rounds))
+            "sparsecc": lambda: T.csr_sddmm(g, x, i["crow"], i["col"]), "dense": lambda: g.t() @ x,
+            **available("csr", lambda: partial(torch.sparse.sampled_addmm, pattern, g.t(), x, beta=0.0))}), rounds))
 
 
 def nm_section(T, size, tokens, dtype, rounds):
     from sparsecc.ops.csr import to_csr
     from sparsecc.sparsity import NM
-    print(f"\nN:M W {size}x{size}, {tokens} tokens, {dtype}; speedup: dense (cuBLAS)")
+    from torch.sparse import to_sparse_semi_structured
+    print(f"\nN:M W {size}x{size}, {tokens} tokens, {dtype}; speedups: dense (cuBLAS), 2:4 (semi-structured)")
     for n, m in ((2, 4), (1, 4), (2, 8)):
         w = torch.randn(size, size, device="cuda", dtype=dtype)
         mask = NM(n, m).mask(w.float())
@@ -105,8 +126,9 @@ def nm_section(T, size, tokens, dtype, rounds):
         values2d, col2d = w.flatten()[i["flat"]].view(size, k), i["col"].view(size, k)
         x, g = (torch.randn(tokens, size, device="cuda", dtype=dtype) for _ in range(2))
         flops = 2 * tokens * values2d.numel()
+        semi = available("2:4", lambda: partial(F.linear, x, to_sparse_semi_structured(w))) if (n, m) == (2, 4) else {}
         row(f"forward {n}:{m}", flops, interleaved_medians(synced({
-            "sparsecc": lambda: T.nm_mm(x, values2d, col2d, size, m=m), "dense": lambda: x @ w.t()}), rounds))
+            "sparsecc": lambda: T.nm_mm(x, values2d, col2d, size, m=m), "dense": lambda: x @ w.t(), **semi}), rounds))
         row(f"input grad {n}:{m}", flops, interleaved_medians(synced({
             "sparsecc": lambda: T.nm_mm_t(g, values2d, col2d, size, m=m), "dense": lambda: g @ w}), rounds))
         row(f"weight grad {n}:{m}", flops, interleaved_medians(synced({

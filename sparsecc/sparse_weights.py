@@ -8,8 +8,9 @@ A SparseWeight owns
     dense    float, the weight's shape: the mask for uses that stay dense
 Because all of these are graph inputs updated in place, a mask update never recompiles.
 
-Formats: "blocks" (square blocks, sparsecc::block_sparse_mm) for Blocks patterns; "csr" (sparsecc::csr_mm)
-for NM and Unstructured patterns and for masks picked up from torch.nn.utils.prune / parametrize.
+Formats: "blocks" (square blocks, sparsecc::block_sparse_mm) for Blocks patterns; "csr" for NM patterns
+(sparsecc::nm_mm: N entries in every group of M, so the Triton path reads the CSR as ELL), Unstructured
+patterns and masks picked up from torch.nn.utils.prune / parametrize (sparsecc::csr_mm).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .ops.block_sparse import block_index, block_values
 from .ops.csr import to_csr
-from .sparsity import Blocks, Pattern
+from .sparsity import NM, Blocks, Pattern
 
 _CSR_KEYS = ("flat", "crow", "col", "t_crow", "t_col", "t_perm")
 _BLOCK_KEYS = ("rows", "cols")
@@ -54,6 +55,16 @@ class SparseWeight:
         return self.pattern.size if isinstance(self.pattern, Blocks) else 1
 
     @property
+    def op(self) -> str:
+        """The sparsecc:: forward op of a rewritten call."""
+        return "block_sparse_mm" if self.format == "blocks" else "nm_mm" if isinstance(self.pattern, NM) else "csr_mm"
+
+    @property
+    def static_arg(self) -> int:
+        """The constant a rewritten call passes: the block size (blocks), M (N:M) or 0 (unstructured CSR)."""
+        return self.pattern.m if isinstance(self.pattern, NM) else self.block if self.format == "blocks" else 0
+
+    @property
     def nnz(self) -> int:
         """Stored entries: blocks for "blocks", scalars for "csr"."""
         return self.index["rows" if self.format == "blocks" else "flat"].shape[0]
@@ -68,6 +79,9 @@ class SparseWeight:
 
     def _index(self, support: torch.Tensor) -> dict[str, torch.Tensor]:
         m = _matrix(support)
+        if isinstance(self.pattern, NM) and (m.reshape(m.shape[0], -1, self.pattern.m).sum(2) != self.pattern.n).any():
+            raise ValueError(f"{self.name}: the support is not {self.pattern} (every group of {self.pattern.m} "
+                             f"inputs must hold exactly {self.pattern.n} entries)")
         return dict(zip(_BLOCK_KEYS, block_index(m, self.block))) if self.format == "blocks" else to_csr(m)
 
     def inputs(self) -> list[torch.Tensor]:
@@ -142,12 +156,15 @@ def block_linear(x, weight, bias, b: int, keep, rows, cols):
     return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.block_sparse_mm(x2, values, rows, cols, w.shape[0]))
 
 
-def csr_linear(x, weight, bias, b: int, keep, flat, crow, col, t_crow, t_col, t_perm):
-    """linear(x, weight, bias) computed on the weight's stored (CSR) entries only."""
+def csr_linear(x, weight, bias, m: int, keep, flat, crow, col, t_crow, t_col, t_perm):
+    """linear(x, weight, bias) computed on the weight's stored (CSR) entries only: sparsecc::nm_mm for an N:M
+    support (m = M), sparsecc::csr_mm for any other (m = 0)."""
     w = _matrix(weight)
-    values = _values("csr", w, b, [flat]) * keep
-    return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.csr_mm(x2, values, crow, col, t_crow, t_col, t_perm,
-                                                                   w.shape[0]))
+    values = _values("csr", w, 1, [flat]) * keep
+    index = (crow, col, t_crow, t_col, t_perm)
+    if m:
+        return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.nm_mm(x2, values, *index, w.shape[0], m))
+    return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.csr_mm(x2, values, *index, w.shape[0]))
 
 
 def conv1x1(fmt: str, x, weight, bias, *args):

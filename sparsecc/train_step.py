@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch._inductor.config as inductor_config
+from torch._decomp import core_aten_decompositions
 from torch._functorch.aot_autograd import aot_export_module
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -28,6 +30,9 @@ from .pipeline import TRAIN_STEP_PASSES, readable, run_passes, totals
 from .report import Report, register
 
 
+MASK_PREFIX = "sparsecc_mask_"
+
+
 def call_model(model, inputs):
     """ARCHITECTURE.md's convention: a tuple is positional arguments, a dict keywords, anything else one input."""
     if isinstance(inputs, tuple):
@@ -38,15 +43,27 @@ def call_model(model, inputs):
 
 
 class _LossModule(torch.nn.Module):
-    """loss_fn(model(x), y) over a flat list of tensors, as aot_export_module wants it."""
+    """loss_fn(model(x), y) over a flat list of tensors, as aot_export_module wants it. A sparse weight is
+    read as weight * mask (the mask a buffer of this module), so its pruned entries get zero gradient."""
 
-    def __init__(self, model, loss_fn, spec):
+    def __init__(self, model, loss_fn, spec, masks: dict[str, torch.Tensor]):
         super().__init__()
         self.model, self.loss_fn, self.spec = model, loss_fn, spec
+        self.masked = {}
+        for i, (name, mask) in enumerate(masks.items()):
+            self.register_buffer(f"{MASK_PREFIX}{i}", mask)
+            self.masked[name] = f"{MASK_PREFIX}{i}"
 
     def forward(self, *leaves):
         x, y = tree_unflatten(list(leaves), self.spec)
-        loss = self.loss_fn(call_model(self.model, x), y)
+        if self.masked:
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+            masked = {n: params[n] * getattr(self, b) for n, b in self.masked.items()}
+            args, kwargs = (x, None) if isinstance(x, tuple) else ((), x) if isinstance(x, dict) else ((x,), None)
+            out = torch.func.functional_call(self.model, masked, args, kwargs)   # tied names follow
+        else:
+            out = call_model(self.model, x)
+        loss = self.loss_fn(out, y)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ConfigError(f"loss_fn must return a floating-point scalar tensor, got {shape}; "
@@ -95,7 +112,9 @@ class TrainStep:
     def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs):
         self.model, self.loss_fn, self.optimizer, self.config, self.rules = model, loss_fn, optimizer, config, rules
         self.params = dict(model.named_parameters(remove_duplicate=False))   # tied weights under every name
-        self.buffers = dict(model.named_buffers())
+        self.masks = {n: m.to(self.params[n].device) for n, m in getattr(model, "sparsecc_masks", {}).items()}
+        self.buffers = {**dict(model.named_buffers()),
+                        **{f"{MASK_PREFIX}{i}": m for i, m in enumerate(self.masks.values())}}
         self.indices = {n: r.indices(self.params[n]) for n, r in rules.items()
                         if isinstance(r, Channels) and n in self.params}
         device = next(iter(self.params.values())).device
@@ -104,6 +123,7 @@ class TrainStep:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self._compiled: dict[tuple, _Compiled] = {}
         self.compilations = 0
+        self.example_inputs = example_inputs
         self._get(*example_inputs)
 
     # ---- compilation -------------------------------------------------------------------------------
@@ -119,15 +139,15 @@ class TrainStep:
         self._last = self._compiled[key]
         return self._last, leaves
 
-    def _export(self, leaves, spec) -> tuple[fx.GraphModule, Plan]:
-        wrapper = _LossModule(self.model, self.loss_fn, spec)
+    def _export(self, leaves, spec, decompositions=None) -> tuple[fx.GraphModule, Plan]:
+        wrapper = _LossModule(self.model, self.loss_fn, spec, self.masks)
         saved = {p: p.requires_grad for p in self.params.values()}
         try:
             for p in self.params.values():
                 p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
             with torch.enable_grad():      # a recompile can start inside the no_grad step
                 joint, sig = aot_export_module(wrapper, leaves, trace_joint=True, output_loss_index=0,
-                                               decompositions=select_decomp_table())
+                                               decompositions=decompositions or select_decomp_table())
         finally:
             for p, flag in saved.items():
                 p.requires_grad_(flag)
@@ -150,6 +170,16 @@ class TrainStep:
         self._buffer_names = [b.removeprefix("model.") for b in sig.buffers]
         self._param_names = names
         return joint, Plan(plans, n_fwd, self.optimizer)
+
+    def portable_graph(self, x, y) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+        """The training-step graph for batches shaped like (x, y), with attention traced as matmul/softmax
+        instead of fused CPU kernels, which exporters to other runtimes cannot lower; and the flat batch.
+        It takes the same inputs as the compiled step (see _inputs)."""
+        _, leaves = self._get(x, y)                # compiles (and creates the optimizer state) if needed
+        with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
+            joint, plan = self._export(leaves, tree_flatten((x, y))[1], core_aten_decompositions())
+        run_passes(joint, plan, TRAIN_STEP_PASSES)
+        return joint, leaves
 
     def _compile(self, leaves, spec) -> _Compiled:
         joint, plan = self._export(leaves, spec)
@@ -222,6 +252,11 @@ class TrainStep:
         self.report.stats["peak_bytes_measured"] = peak
         return peak
 
+    def save(self, path, *, targets=("host",), example_inputs=None):
+        """Save this step as a deployable artifact (see sparsecc.save)."""
+        from .export import save
+        return save(self, path, targets=targets, example_inputs=example_inputs)
+
     def state_dict(self) -> dict:
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "optimizer": {f"{n}/{s}": t.clone() for n, st in self.state.items() for s, t in st.items()},
@@ -261,10 +296,6 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
         raise ConfigError(f"optimizer must be sparsecc.SGD or sparsecc.AdamW, got {type(optimizer).__name__}")
     if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
         raise ConfigError("example_inputs must be a pair (x, y): the model's input(s) and the loss target")
-    if getattr(model, "sparsecc_masks", None):
-        raise ConfigError(f"compile_train_step does not rewrite sparse weights yet ({sorted(model.sparsecc_masks)} were "
-                          f"sparsified) and would train their pruned entries; train them with torch.compile(model, "
-                          f"backend='sparsecc', options={{'sparsity': spec}}) and a torch.optim optimizer")
     config = Config(update=update, executor=executor)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
     return TrainStep(model, loss_fn, optimizer, config, rules, tuple(example_inputs))

@@ -59,6 +59,43 @@ def test_csr_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, v: ops.csr_mm(a, *csr_args(v, i, 6)), (x, values))
 
 
+def nm_args(values, i, n_out, m):
+    return values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], n_out, m
+
+
+def test_nm_opcheck_and_gradcheck_float64():
+    _, _, values, i, x = csr_sample(12, 16, sparsecc.NM(2, 4), 5, torch.float32)
+    g = torch.randn(5, 12)
+    torch.library.opcheck(ops.nm_mm, (x.requires_grad_(), *nm_args(values.requires_grad_(), i, 12, 4)))
+    torch.library.opcheck(ops.nm_mm_t, (g, values.detach(), i["col"], i["t_crow"], i["t_col"], i["t_perm"], 16, 4))
+    torch.library.opcheck(ops.nm_sddmm, (g, x.detach(), i["crow"], i["col"], 4))
+    _, _, values, i, x = csr_sample(6, 8, sparsecc.NM(1, 4), 3)
+    x.requires_grad_()
+    values.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, v: ops.nm_mm(a, *nm_args(v, i, 6, 4)), (x, values))
+
+
+@pytest.mark.parametrize("native_kernels", ["1", "0"])
+def test_nm_ops_are_the_csr_ops_on_the_cpu(native_kernels, monkeypatch):
+    """On the CPU an N:M weight runs the CSR kernels: forward and both gradients bit for bit."""
+    monkeypatch.setenv("SPARSECC_NATIVE", native_kernels)
+    _, _, values, i, x = csr_sample(24, 32, sparsecc.NM(2, 8), 7, torch.float32)
+    g = torch.randn(7, 24)
+    t = (i["t_crow"], i["t_col"], i["t_perm"])
+    assert torch.equal(ops.nm_mm(x, *nm_args(values, i, 24, 8)), ops.csr_mm(x, *csr_args(values, i, 24)))
+    assert torch.equal(ops.nm_mm_t(g, values, i["col"], *t, 32, 8), ops.csr_mm_t(g, values, *t, 32))
+    assert torch.equal(ops.nm_sddmm(g, x, i["crow"], i["col"], 8), ops.csr_sddmm(g, x, i["crow"], i["col"]))
+
+
+def test_nm_sparse_weight_needs_an_nm_support():
+    from sparsecc.sparse_weights import SparseWeight
+    mask = sparsecc.NM(2, 4).mask(torch.randn(4, 8))
+    assert SparseWeight.create("w", sparsecc.NM(2, 4), mask, torch.float32).op == "nm_mm"
+    mask[0, :4] = True                                      # 4 of 4 in one group
+    with pytest.raises(ValueError, match=r"w: the support is not NM\(n=2, m=4\)"):
+        SparseWeight.create("w", sparsecc.NM(2, 4), mask, torch.float32)
+
+
 @settings(max_examples=30, deadline=None)
 @given(pattern=st.sampled_from([sparsecc.NM(1, 4), sparsecc.NM(2, 4), sparsecc.NM(2, 8), sparsecc.NM(4, 8),
                                 sparsecc.Unstructured(0.05), sparsecc.Unstructured(0.5), sparsecc.Unstructured(1.0)]),
@@ -156,7 +193,9 @@ def test_sparse_model_matches_dense_masked_reference(name, executor):
     assert ops_done == (19 if name == "transformer" else 2)
     assert "-> sparsecc::block_sparse_mm [blocks 8x8" in str(report) if name == "transformer" else True
     bw = report.graphs["backward/after"]
-    assert "sparsecc.csr_sddmm" in bw and "sparsecc.csr_mm_t" in bw
+    assert "sparsecc.csr_sddmm" in bw and "sparsecc.csr_mm_t" in bw          # the unstructured head
+    assert "sparsecc.nm_sddmm" in bw and "sparsecc.nm_mm_t" in bw            # the N:M weights
+    assert "-> sparsecc::nm_mm [CSR, NM(" in str(report)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -234,8 +273,8 @@ def test_channels_on_a_sparse_weight_and_frozen_sparse_weights():
     torch.testing.assert_close(w.grad[:k], ref_grads["blocks.0.mlp.fc1.weight"][:k])
     assert w.grad[k:].abs().max() == 0
     bw = sparsecc.reports()[-1].graphs["backward/after"]
-    # only one weight is trained: one weight-gradient SDDMM is left, no block SDDMM at all
-    assert bw.count("sparsecc.csr_sddmm") == 1 and "block_sddmm" not in bw
+    # only one weight is trained (N:M): one weight-gradient SDDMM is left, no other SDDMM at all
+    assert bw.count("sparsecc.nm_sddmm") == 1 and "block_sddmm" not in bw and "csr_sddmm" not in bw
 
 
 def test_cost_model_refusal_is_reported_and_keeps_the_mask(tmp_path, monkeypatch):
@@ -379,9 +418,6 @@ def test_bad_sparse_options_name_the_problem():
     assert torch.equal(model.fc2.weight, before)
     with pytest.raises(sparsecc.ConfigError, match="params='fc9.*' matches no sparse weight"):
         sparsecc.DynamicSparsity("set", every=1, end_step=5, params="fc9.*").step(model, 1)
-    with pytest.raises(sparsecc.ConfigError, match=r"compile_train_step does not rewrite sparse weights.*fc2.weight"):
-        sparsecc.compile_train_step(model, lambda out, y: (out - y).square().mean(), optimizer=sparsecc.SGD(0.1),
-                                    example_inputs=(inputs[0], torch.zeros(7, 6)))
     model, _ = make("mlp")
     sparsecc.sparsify(model, sparsecc.Sparsity({"fc2.weight": sparsecc.Unstructured(0.5)}))
     with pytest.raises(sparsecc.ConfigError, match="rigl.*dense_grads"):

@@ -10,7 +10,14 @@ The ops, each with a fake (shape) implementation:
     csr_mm_t(g, values, t_crow, t_col, t_perm, n_in)            gx = g @ W          (the input gradient)
     csr_sddmm(g, x, crow, col)                                  gW at the nonzeros only (the weight gradient)
 csr_mm's autograd formula is made of the other two, so pruned entries never receive a gradient.
-N:M weights use this format too: every row holds n of every m entries.
+
+N:M weights use this format too, through ops that also take M:
+    nm_mm(x, values, crow, col, t_crow, t_col, t_perm, n_out, m)   y = x @ W^T
+    nm_mm_t(g, values, col, t_crow, t_col, t_perm, n_in, m)         gx = g @ W
+    nm_sddmm(g, x, crow, col, m)                                    gW at the nonzeros only
+Every row of an N:M support holds the same count K = in * N / M, sorted by column, so values and col reshape
+to the ELL layout [out, K] the generated N:M kernels read: that is what these ops run on the Triton path. On the
+CPU they run exactly the csr_ ops' kernels on the same operands.
 """
 from __future__ import annotations
 
@@ -68,8 +75,8 @@ def csr_mm_t(g: torch.Tensor, values: torch.Tensor, t_crow: torch.Tensor, t_col:
     return _spmm(g, values, t_crow, t_col, n_in, perm=t_perm)
 
 
-@torch.library.custom_op("sparsecc::csr_sddmm", mutates_args=())
-def csr_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+def _sddmm(g, x, crow, col):
+    """vals [nnz]: (g^T @ x) at the nonzeros of the CSR structure (crow, col)."""
     if use_triton(x):
         return triton_kernels().csr_sddmm(g, x, crow, col)
     if native.usable(x):
@@ -78,8 +85,46 @@ def csr_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.T
     return torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x.contiguous(), beta=0.0).values().clone()
 
 
+@torch.library.custom_op("sparsecc::csr_sddmm", mutates_args=())
+def csr_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    return _sddmm(g, x, crow, col)
+
+
+def _ell(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """A flat N:M operand (values or col, row-major) as its ELL layout [rows, K]."""
+    return t.view(rows, t.shape[0] // max(rows, 1))
+
+
+@torch.library.custom_op("sparsecc::nm_mm", mutates_args=())
+def nm_mm(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, t_crow: torch.Tensor,
+          t_col: torch.Tensor, t_perm: torch.Tensor, n_out: int, m: int) -> torch.Tensor:
+    if use_triton(x):
+        return triton_kernels().nm_mm(x, _ell(values, n_out), _ell(col, n_out), n_out, m=m)
+    return _spmm(x, values, crow, col, n_out)
+
+
+@torch.library.custom_op("sparsecc::nm_mm_t", mutates_args=())
+def nm_mm_t(g: torch.Tensor, values: torch.Tensor, col: torch.Tensor, t_crow: torch.Tensor, t_col: torch.Tensor,
+            t_perm: torch.Tensor, n_in: int, m: int) -> torch.Tensor:
+    if use_triton(g):
+        return triton_kernels().nm_mm_t(g, _ell(values, g.shape[1]), _ell(col, g.shape[1]), n_in, m=m)
+    return _spmm(g, values, t_crow, t_col, n_in, perm=t_perm)
+
+
+@torch.library.custom_op("sparsecc::nm_sddmm", mutates_args=())
+def nm_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, m: int) -> torch.Tensor:
+    if use_triton(x):
+        return triton_kernels().nm_sddmm(g, x, _ell(col, g.shape[1]), m=m).view(-1)
+    return _sddmm(g, x, crow, col)
+
+
 @csr_mm.register_fake
 def _(x, values, crow, col, t_crow, t_col, t_perm, n_out):
+    return x.new_empty(x.shape[0], n_out)
+
+
+@nm_mm.register_fake
+def _(x, values, crow, col, t_crow, t_col, t_perm, n_out, m):
     return x.new_empty(x.shape[0], n_out)
 
 
@@ -88,31 +133,48 @@ def _(g, values, t_crow, t_col, t_perm, n_in):
     return g.new_empty(g.shape[0], n_in)
 
 
+@nm_mm_t.register_fake
+def _(g, values, col, t_crow, t_col, t_perm, n_in, m):
+    return g.new_empty(g.shape[0], n_in)
+
+
 @csr_sddmm.register_fake
 def _(g, x, crow, col):
     return g.new_empty(col.shape[0])
 
 
+@nm_sddmm.register_fake
+def _(g, x, crow, col, m):
+    return g.new_empty(col.shape[0])
+
+
 def _setup(ctx, inputs, output):
-    x, values, crow, col, t_crow, t_col, t_perm, _ = inputs
+    x, values, crow, col, t_crow, t_col, t_perm, _, *m = inputs
     ctx.save_for_backward(x, values, crow, col, t_crow, t_col, t_perm)
+    ctx.m = m                        # [M] for nm_mm, [] for csr_mm
 
 
 def _backward(ctx, grad):
     x, values, crow, col, t_crow, t_col, t_perm = ctx.saved_tensors
-    gx = csr_mm_t(grad, values, t_crow, t_col, t_perm, x.shape[1]) if ctx.needs_input_grad[0] else None
-    gv = csr_sddmm(grad, x, crow, col) if ctx.needs_input_grad[1] else None
-    return gx, gv, None, None, None, None, None, None
+    gx = gv = None
+    if ctx.needs_input_grad[0]:
+        gx = nm_mm_t(grad, values, col, t_crow, t_col, t_perm, x.shape[1], *ctx.m) if ctx.m else \
+            csr_mm_t(grad, values, t_crow, t_col, t_perm, x.shape[1])
+    if ctx.needs_input_grad[1]:
+        gv = nm_sddmm(grad, x, crow, col, *ctx.m) if ctx.m else csr_sddmm(grad, x, crow, col)
+    return gx, gv, *[None] * (6 + len(ctx.m))
 
 
 csr_mm.register_autograd(_backward, setup_context=_setup)
+nm_mm.register_autograd(_backward, setup_context=_setup)
 
 
-@register_flop_formula([torch.ops.sparsecc.csr_mm, torch.ops.sparsecc.csr_mm_t])
+@register_flop_formula([torch.ops.sparsecc.csr_mm, torch.ops.sparsecc.csr_mm_t, torch.ops.sparsecc.nm_mm,
+                        torch.ops.sparsecc.nm_mm_t])
 def _(x_shape, values_shape, *args, **kwargs) -> int:
     return 2 * x_shape[0] * values_shape[0]
 
 
-@register_flop_formula(torch.ops.sparsecc.csr_sddmm)
-def _(g_shape, x_shape, crow_shape, col_shape, **kwargs) -> int:
+@register_flop_formula([torch.ops.sparsecc.csr_sddmm, torch.ops.sparsecc.nm_sddmm])
+def _(g_shape, x_shape, crow_shape, col_shape, *args, **kwargs) -> int:
     return 2 * g_shape[0] * col_shape[0]

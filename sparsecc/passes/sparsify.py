@@ -183,8 +183,7 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
             saved = int(shape.dense_flops * (1 - sw.density))
             flops_saved += saved
             rewritten += 1
-            op = "block_sparse_mm" if sw.format == "blocks" else "csr_mm"
-            result.notes.append(f"{sw.name}: {user.name} ({call}, {shape.tokens}x{inp}->{out}) -> sparsecc::{op} "
+            result.notes.append(f"{sw.name}: {user.name} ({call}, {shape.tokens}x{inp}->{out}) -> sparsecc::{sw.op} "
                                 f"[{sw.describe()}], est. fwd+bwd FLOPs saved {saved:,} "
                                 f"({1 - sw.density:.0%}); {decision.reason}")
         if src.mask_input is None:
@@ -233,10 +232,10 @@ def _replace(gm, node, call, weight, sw, extra):
     if call == "linear":
         x, _, *rest = node.args
         bias = rest[0] if rest else node.kwargs.get("bias")
-        target, args = LINEAR[sw.format], (x, weight, bias, sw.block, *extra)
+        target, args = LINEAR[sw.format], (x, weight, bias, sw.static_arg, *extra)
     else:
         a = _conv_args(node)
-        target, args = conv1x1, (sw.format, a["input"], weight, a.get("bias"), sw.block, *extra)
+        target, args = conv1x1, (sw.format, a["input"], weight, a.get("bias"), sw.static_arg, *extra)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_function(target, args)
     new.meta = dict(node.meta)

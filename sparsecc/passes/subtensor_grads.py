@@ -8,6 +8,11 @@ when that leaves no contraction computing fewer channels, the rule buys nothing 
 error that names the parameter and the op; otherwise the report notes where the selection stopped.
 A sparse weight's gradient is already computed at its stored entries only; its k channels are sliced
 from that.
+
+On the Triton path (the parameter on CUDA, or SPARSECC_TRITON=1) a GEMM the selection reaches becomes
+sparsecc::channels_weight_grad, whose generated kernel reads both operands in full through strides: the
+selection stops there, so the forward saves the whole activation instead of a k-channel copy of it.
+On the CPU path the graph stays pure aten.
 """
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .. import ops  # noqa: F401  (registers sparsecc::index_constant)
 from ..config import Channels, ConfigError
 from ..graph import backward_nodes, call, output_values, set_output_values, val
+from ..ops.channels import on_triton  # (importing sparsecc.ops registers the sparsecc:: ops)
 from . import ParamPlan, PassResult, Plan
 from .dce import eliminate_dead_code
 
@@ -35,6 +40,7 @@ class _Selector:
     k: int
     index: fx.Node | None              # sparsecc::index_constant of the chosen channels, or None for the first k
     backward: set[fx.Node]
+    triton: bool                       # GEMMs become sparsecc::channels_weight_grad (a generated kernel)
     reached: list[str] = field(default_factory=list)   # forward tensors selected before being saved
     sliced: list[str] = field(default_factory=list)    # contractions (GEMM, conv, scatter) now computing k channels
     stops: list[str] = field(default_factory=list)     # where the selection could go no further
@@ -135,6 +141,11 @@ def _prod(sizes) -> int:
 
 def _mm(s, x, d):
     a, b = x.args
+    if s.triton:            # a @ b at k rows (d=0) or columns (d=1): g^T @ x's Channels kernel with g = a^T
+        g = s.emit_after(x, aten.permute.default, (a, [1, 0]))      # (t is decomposed for Inductor)
+        s.sliced.append(f"{x.name} (sparsecc::channels_weight_grad)")
+        return s.emit_after(g, torch.ops.sparsecc.channels_weight_grad.default,
+                            (g, b, s.index, s.k, "in" if d == 1 else "out"))
     args = (s.select(a, 0), b) if d == 0 else (a, s.select(b, 1))
     return s.contraction(x, x.target, args)
 
@@ -287,6 +298,7 @@ def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
     result = PassResult(NAME)
     outs = output_values(gm)
     backward = backward_nodes(gm, plan.num_fwd_outputs)
+    primals = gm.graph.find_nodes(op="placeholder")
     sliced = 0
     for p in plan.params:
         grad = outs[plan.grad_position(p)]
@@ -297,7 +309,7 @@ def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
             result.notes.append(f"{p.name}: Channels keeps all {k} channels; trained in full")
             continue
         index = _index_node(gm, p)
-        selector = _Selector(gm, k, index, backward)
+        selector = _Selector(gm, k, index, backward, on_triton(val(primals[p.index])))
         part = selector.select(grad, dim)
         outs[plan.grad_position(p)] = _scatter_back(gm, part, p, dim, index)
         if selector.stops and not selector.sliced and not p.sparse:

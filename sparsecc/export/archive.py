@@ -1,0 +1,98 @@
+"""The artifact container: one zip file (stored, not compressed) holding manifest.json and the files it lists.
+
+The manifest records a sha256 and size for every other file; reading checks the zip's own CRCs, the format
+version, that every listed path is a plain relative path inside the archive, that nothing unlisted is
+there, and every digest, before any byte is interpreted. Writing goes to a temporary file in the same
+directory, fsynced, then renamed over the target, so an interrupted save leaves the previous artifact intact.
+Nothing here unpickles or imports anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+FORMAT = "sparsecc-artifact"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(Exception):
+    """An artifact that cannot be trusted or understood: corrupt, truncated, tampered with or unknown."""
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(path: str | os.PathLike, manifest: dict, files: dict[str, bytes]) -> None:
+    """Write manifest + files to path atomically; manifest['files'] is filled in here."""
+    path = Path(path)
+    manifest = {**manifest, "format": FORMAT, "format_version": VERSION,
+                "files": {name: {"sha256": digest(data), "bytes": len(data)} for name, data in files.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as zf:
+                zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+                for name, data in files.items():
+                    zf.writestr(name, data)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_name(path, name) -> None:
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or "\\" in name or ".." in p.parts or name != str(p):
+        raise ArtifactError(f"{path}: manifest lists {name!r}, a path outside the artifact; "
+                            f"only plain relative paths inside it are allowed")
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
+    """(manifest, {name: bytes}) of a verified artifact, or ArtifactError naming the file and the problem."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror})") from None
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(blob))
+        members = {info.filename: info for info in zf.infolist()}
+        if MANIFEST not in members:
+            raise ArtifactError(f"{path}: no {MANIFEST} inside; this is not a sparsecc artifact")
+        data = {name: zf.read(name) for name in members}      # checks each member's CRC-32
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
+        raise ArtifactError(f"{path}: not a readable artifact (truncated or corrupt zip: {e})") from None
+    try:
+        manifest = json.loads(data.pop(MANIFEST))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: {MANIFEST} does not describe a {FORMAT}")
+    if manifest.get("format_version") != VERSION:
+        raise ArtifactError(f"{path}: format version {manifest.get('format_version')!r} is not supported "
+                            f"(this sparsecc reads version {VERSION}); re-save it with a matching sparsecc")
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        raise ArtifactError(f"{path}: {MANIFEST} has no 'files' table")
+    for name, entry in listed.items():
+        _check_name(path, name)
+        if name not in data:
+            raise ArtifactError(f"{path}: {name} is listed in {MANIFEST} but missing from the artifact")
+        if not isinstance(entry, dict) or len(data[name]) != entry.get("bytes"):
+            raise ArtifactError(f"{path}: {name} has {len(data[name])} bytes, the manifest says "
+                                f"{entry.get('bytes') if isinstance(entry, dict) else entry!r} (truncated?)")
+        if digest(data[name]) != entry.get("sha256"):
+            raise ArtifactError(f"{path}: {name} fails its sha256 check (corrupt or modified)")
+    extra = sorted(set(data) - set(listed))
+    if extra:
+        raise ArtifactError(f"{path}: {extra[0]} is in the artifact but not in {MANIFEST}")
+    return manifest, data

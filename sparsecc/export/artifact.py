@@ -1,0 +1,275 @@
+"""save / load: a compiled training step as a self-contained artifact, and the Runner that trains from one.
+
+    sparsecc.save(step, "finetune.sparsecc", targets=["host", "aarch64"])
+    runner = sparsecc.load("finetune.sparsecc")          # no model source needed
+    loss = runner.train_step(x, y); logits = runner(x); runner.save()
+
+Contents (see archive.py for the container): manifest.json, weights.safetensors (parameters, buffers, the
+optimizer state of trained parts, lr, step, index constants) and per target the `train_step` and `forward`
+programs: `host` as torch.export JSON, CPU targets as IREE modules. The runner holds every tensor itself
+and feeds the functional programs by key, so the programs stay pure and the same on every target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+import platform
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+
+from ..config import ConfigError, closest, rule_name
+from . import archive, iree, layouts, programs
+from .archive import ArtifactError
+
+TARGETS = ("host", *iree.TRIPLES)
+WEIGHTS = "weights.safetensors"
+_FUNCTIONS = ("train_step", "forward")
+
+
+def _program_file(target: str, function: str) -> str:
+    return f"programs/{target}/{function}.{'json' if target == 'host' else 'vmfb'}"
+
+
+def _check_targets(targets) -> list[str]:
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+        raise ConfigError(f"targets must be a non-empty list such as ['host', 'aarch64'], got {targets!r}")
+    for t in targets:
+        if t not in TARGETS:
+            raise ConfigError(f"unknown target {t!r}; known: {', '.join(TARGETS)}.{closest(str(t), TARGETS)}")
+    return list(dict.fromkeys(targets))
+
+
+def _progress(msg: str) -> None:
+    print(f"[sparsecc.save] {msg}", file=sys.stderr, flush=True)
+
+
+def _parameter_table(step, updates, layout: dict[str, str]) -> list[dict]:
+    trained = dict(updates)
+    firsts = {id(p): n for n, p in reversed(list(step.params.items()))}
+    return [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "layout": layout[n],
+             "update": rule_name(step.rules[n]), "trained_shape": list(trained[n]) if n in trained else None,
+             "tied_to": firsts[id(p)] if firsts[id(p)] != n else None}
+            for n, p in step.params.items()]
+
+
+def save(step, path, *, targets=("host",), example_inputs=None) -> Path:
+    """Write `step` (a TrainStep) to path: its training step and forward for batches shaped like
+    example_inputs (default: the step's own example), for each target. Returns the path."""
+    from ..train_step import TrainStep
+    if not isinstance(step, TrainStep):
+        raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step, got {type(step).__name__}")
+    targets = _check_targets(targets)
+    x, y = step.example_inputs if example_inputs is None else example_inputs
+    patterns = getattr(step.model, "sparsecc_patterns", {})
+    layout = {n: layouts.name(patterns.get(n)) for n in step.params}
+    sparse = {n: m.reshape(-1).nonzero().reshape(-1) for n, m in step.masks.items()}
+    _progress("exporting the training step and the forward pass")
+    train = programs.train_step_program(step, x, y, sparse)
+    forward = programs.forward_program(step, x, sparse)
+    compiled, _ = step._get(x, y)
+    files = {}
+    for target in targets:
+        for prog in (train, forward):
+            if target == "host":
+                files[_program_file(target, prog.name)] = programs.dumps(prog)
+            else:
+                _progress(f"compiling {prog.name} for {target} (torch-mlir → iree-compile)")
+                files[_program_file(target, prog.name)] = iree.compile_vmfb(iree.to_mlir(prog.exported, prog.name),
+                                                                            target)
+    tensors = {k: v for k, v in zip(train.inputs, train.example) if not k.startswith("input/")}
+    tensors[programs.STEP] = step._step.detach().clone()
+    tensors = {k: v for k, v in tensors.items() if not _is_alias(k, step)}
+    tensors.update({f"index/{n}": flat for n, flat in sparse.items()})
+    _, x_spec = tree_flatten((x, y))
+    manifest = {
+        "sparsecc_version": version("sparsecc"), "torch_version": torch.__version__, "targets": targets,
+        "functions": {"train_step": {**train.signature(), "batch_spec": treespec_dumps(x_spec)},
+                      "forward": {**forward.signature(), "input_spec": treespec_dumps(tree_flatten(x)[1])}},
+        "parameters": _parameter_table(step, compiled.updates, layout),
+        "optimizer": {"type": type(step.optimizer).__name__, **dataclasses.asdict(step.optimizer)},
+    }
+    return _write(path, manifest, files, tensors)
+
+
+def _is_alias(key: str, step) -> bool:
+    name = key.removeprefix("param/")
+    return key.startswith("param/") and next(n for n, p in step.params.items() if p is step.params[name]) != name
+
+
+def _write(path, manifest: dict, files: dict[str, bytes], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write tensors (sparse weights' int64 flat indices stored in their compact layout) with files."""
+    shapes = {p["name"]: p["shape"] for p in manifest["parameters"]}
+    layout = {p["name"]: p["layout"] for p in manifest["parameters"]}
+    stored = {k: layouts.compact(layout[k[6:]], v, shapes[k[6:]]) if k.startswith("index/") else v
+              for k, v in tensors.items()}
+    files = {WEIGHTS: safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in stored.items()}),
+             **files}
+    archive.write(path, manifest, files)
+    return Path(path)
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+_ALLOWED_NAMESPACES = ("aten", "prims")
+
+
+def _host_program(path, name: str, data: bytes):
+    try:
+        exported = programs.loads(data)
+    except Exception as e:       # the deserializer's own errors are of many kinds; none runs artifact code
+        raise ArtifactError(f"{path}: {name} is not a valid torch.export program ({type(e).__name__}: {e})") from None
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and node.target is not operator.getitem \
+                and getattr(node.target, "namespace", None) not in _ALLOWED_NAMESPACES:
+            raise ArtifactError(f"{path}: {name} calls {node.target}, which is not an ATen/prims operator")
+    module = exported.module()
+    return lambda args: list(module(*args))
+
+
+class Runner:
+    """A loaded artifact. train_step(x, y) trains in place and returns the loss; runner(x) runs the forward
+    (eval mode); save() writes the trained state back (atomically)."""
+
+    def __init__(self, path, manifest, files, tensors, target, iree_run_module):
+        self.path, self.manifest, self.target = Path(path), manifest, target
+        self._files, self.tensors = files, tensors
+        self._aliases = {p["name"]: p["tied_to"] for p in manifest["parameters"] if p["tied_to"]}
+        self._run = {f: self._executor(f, target, iree_run_module) for f in _FUNCTIONS}
+
+    def _executor(self, function, target, tool):
+        name = _program_file(target, function)
+        data = self._files[name]
+        if target == "host":
+            return _host_program(self.path, name, data)
+        n_out = len(self.manifest["functions"][function]["outputs"])
+        if tool is None:
+            if target != platform.machine():
+                raise ConfigError(f"target {target!r} is not this machine's ({platform.machine()}); pass "
+                                  f"iree_run_module=sparsecc.export.fetch_iree_run_module({target!r}) to run "
+                                  f"it under qemu-{target}")
+            return iree.InProcess(data, function)
+        return iree.CommandLine(data, function, n_out, target, tool)
+
+    # ---- feeding --------------------------------------------------------------------------------------
+    def _tensor(self, key: str) -> torch.Tensor:
+        if key.startswith("param/") and key[6:] in self._aliases:
+            key = "param/" + self._aliases[key[6:]]
+        return self.tensors[key]
+
+    def _args(self, function: str, leaves: list) -> list[torch.Tensor]:
+        sig = self.manifest["functions"][function]["inputs"]
+        leaf = iter(leaves)
+        args = [next(leaf) if s["key"].startswith("input/") else self._tensor(s["key"]) for s in sig]
+        for s, a in zip(sig, args):
+            if not isinstance(a, torch.Tensor):
+                raise ConfigError(f"{function} input {s['key']} must be a tensor, got {type(a).__name__}")
+            if list(a.shape) != s["shape"] or str(a.dtype).removeprefix("torch.") != s["dtype"]:
+                raise ConfigError(f"{function} input {s['key']} is {a.dtype} {list(a.shape)}, the artifact was "
+                                  f"compiled for {s['dtype']} {s['shape']}; programs have static shapes")
+        return args
+
+    def _leaves(self, function: str, value, spec_key: str) -> list:
+        leaves, spec = tree_flatten(value)
+        want = self.manifest["functions"][function][spec_key]
+        if treespec_dumps(spec) != want:
+            raise ConfigError(f"{function} got inputs structured as {spec}, the artifact expects {treespec_loads(want)}")
+        return leaves
+
+    @torch.no_grad()
+    def train_step(self, x, y) -> torch.Tensor:
+        leaves = self._leaves("train_step", (x, y), "batch_spec")
+        step = self.tensors[programs.STEP]
+        step += 1
+        outs = self._run["train_step"](self._args("train_step", leaves))
+        loss = None
+        for s, value in zip(self.manifest["functions"]["train_step"]["outputs"], outs):
+            if s["key"] == programs.LOSS:
+                loss = value
+            else:
+                self.tensors[s["key"]] = value.to(self.tensors[s["key"]].dtype).reshape(s["shape"])
+        return loss
+
+    @torch.no_grad()
+    def __call__(self, x):
+        leaves = self._leaves("forward", x, "input_spec")
+        outs = self._run["forward"](self._args("forward", leaves))
+        return tree_unflatten(outs, treespec_loads(self.manifest["functions"]["forward"]["out_spec"]))
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter by name as a dense tensor (tied names share one; sparse weights are expanded)."""
+        out = {}
+        for p in self.manifest["parameters"]:
+            name = self._aliases.get(p["name"], p["name"])
+            value = self.tensors[f"param/{name}"]
+            if p["layout"] != layouts.DENSE:
+                flat = self.tensors[f"index/{name}"]
+                value = value.new_zeros(torch.Size(p["shape"]).numel()).index_put((flat,), value).view(p["shape"])
+            out[p["name"]] = value
+        return out
+
+    def save(self, path=None) -> Path:
+        """Write the artifact with the current weights, optimizer state and step to path (default: where it
+        was loaded from); programs are carried over unchanged."""
+        files = {k: v for k, v in self._files.items() if k != WEIGHTS}
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("files", "format", "format_version")}
+        return _write(self.path if path is None else path, manifest, files, self.tensors)
+
+
+def load(path, *, target: str = "host", iree_run_module: str | os.PathLike | None = None) -> Runner:
+    """Load an artifact. target picks the programs: 'host' (torch.export, run by this PyTorch) or a CPU target
+    the artifact was saved for (run by IREE: in process on a machine of that architecture, or with the
+    given `iree-run-module` binary, under qemu-user for another architecture)."""
+    manifest, files = archive.read(path)
+    _check_manifest(path, manifest)
+    if target not in manifest["targets"]:
+        raise ConfigError(f"{path} holds targets {manifest['targets']}, not {target!r}; re-save with "
+                          f"targets=[..., {target!r}]")
+    if WEIGHTS not in files:
+        raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    try:
+        tensors = safetensors.torch.load(files[WEIGHTS])
+    except Exception as e:        # safetensors reports a bad header as several exception types
+        raise ArtifactError(f"{path}: {WEIGHTS} is not a valid safetensors file ({e})") from None
+    for p in manifest["parameters"]:
+        if p["layout"] != layouts.DENSE:
+            key = f"index/{p['name']}"
+            try:
+                tensors[key] = layouts.expand(p["layout"], tensors[key], p["shape"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise ArtifactError(f"{path}: {WEIGHTS} holds no valid {p['layout']} index for {p['name']} ({e})") from None
+    tied = {f"param/{p['name']}" for p in manifest["parameters"] if p["tied_to"]}
+    for fn in _FUNCTIONS:
+        if _program_file(target, fn) not in files:
+            raise ArtifactError(f"{path}: {_program_file(target, fn)} is missing")
+        for s in manifest["functions"][fn]["inputs"]:
+            if not s["key"].startswith("input/") and s["key"] not in tied and s["key"] not in tensors:
+                raise ArtifactError(f"{path}: {WEIGHTS} has no tensor {s['key']!r}, which {fn} reads")
+    return Runner(path, manifest, files, tensors, target, None if iree_run_module is None else str(iree_run_module))
+
+
+def _check_manifest(path, manifest: dict) -> None:
+    """The fields the runner reads exist and have the right types (the archive checked the rest)."""
+    def bad(where):
+        return ArtifactError(f"{path}: manifest.json field {where} is missing or malformed")
+    if not isinstance(manifest.get("targets"), list) or not isinstance(manifest.get("parameters"), list):
+        raise bad("'targets'/'parameters'")
+    for p in manifest["parameters"]:
+        if not (isinstance(p, dict) and isinstance(p.get("name"), str) and "tied_to" in p
+                and isinstance(p.get("layout"), str) and isinstance(p.get("shape"), list)):
+            raise bad(f"parameters[{p!r:.60}]")
+    for fn, spec_key in (("train_step", "batch_spec"), ("forward", "input_spec")):
+        sig = manifest.get("functions", {}).get(fn)
+        if not isinstance(sig, dict) or not isinstance(sig.get(spec_key), str):
+            raise bad(f"functions.{fn}")
+        for side in ("inputs", "outputs"):
+            entries = sig.get(side)
+            if not isinstance(entries, list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("shape"), list)
+                    and isinstance(e.get("dtype"), str) for e in entries):
+                raise bad(f"functions.{fn}.{side}")

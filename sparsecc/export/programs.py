@@ -1,0 +1,248 @@
+"""The two functions an artifact carries, as pure functional torch.export programs.
+
+`train_step`: the graph a TrainStep runs (pruned backward, sliced gradients, fused optimizer) made
+functional: every tensor it reads is an input — parameters, buffers, batch, lr, step, optimizer state and
+the graph's index constants — and every tensor it writes in place becomes an output. `forward`: the model
+in eval mode with its parameters and buffers as inputs. Each input and output carries a key
+("param/fc1.weight", "state/fc1.weight/exp_avg", "input/0", "lr", "loss", ...) that the manifest records
+and the runner feeds by. Programs hold no tensors of their own, so their serialized form is JSON alone.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._export.serde import serialize as serde
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
+
+from ..config import ConfigError
+from ..train_step import MASK_PREFIX, call_model
+
+aten = torch.ops.aten
+LR, STEP, LOSS = "lr", "step", "loss"
+
+
+@dataclass
+class Program:
+    name: str
+    exported: torch.export.ExportedProgram
+    inputs: list[str]        # key of each positional input
+    outputs: list[str]       # key of each output
+    example: list[torch.Tensor]
+    out_spec: str = ""       # JSON pytree spec of a forward's user outputs
+
+    def signature(self) -> dict:
+        def entry(key, t):
+            return {"key": key, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        out_vals = [n.meta["val"] for n in self.exported.graph.output_node().args[0]]
+        return {"inputs": [entry(k, t) for k, t in zip(self.inputs, self.example)],
+                "outputs": [entry(k, t) for k, t in zip(self.outputs, out_vals)],
+                "out_spec": self.out_spec}
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args):
+        return tuple(self.gm(*args))
+
+
+def _reshape_not_view(gm: fx.GraphModule) -> None:
+    """aten.view -> aten.reshape in a graph with no in-place writes: the same values, and a later re-trace
+    (torch-mlir decomposes again) may assign an op other strides than the trace that chose `view` saw."""
+    for node in gm.graph.find_nodes(op="call_function", target=aten.view.default):
+        node.target = aten.reshape.default
+    gm.recompile()
+
+
+def _functional(module: torch.nn.Module, args: list[torch.Tensor]) -> tuple[torch.export.ExportedProgram, dict]:
+    """Export module(*args) and return a program with no in-place writes, plus {output index: input index}
+    for the outputs that carry the new value of an input the original wrote in place."""
+    ep = torch.export.export(module, tuple(args), strict=False).run_decompositions({})
+    placeholders = [n.name for n in ep.graph.find_nodes(op="placeholder")]
+    written = ep.graph_signature.user_inputs_to_mutate
+    outputs = [n.name for n in ep.graph.output_node().args[0]]
+    new_of = {i: placeholders.index(written[name]) for i, name in enumerate(outputs) if name in written}
+    flat = fx.GraphModule(ep.graph_module, ep.graph_module.graph)
+    flat.graph._codegen = fx.graph.CodeGen()       # plain positional inputs, a plain tuple out
+    _reshape_not_view(flat)
+    pure = torch.export.export(_Call(flat), tuple(args), strict=False).run_decompositions({})
+    _reshape_not_view(pure.graph_module)
+    return pure, new_of
+
+
+def _lift_index_constants(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Turn each sparsecc::index_constant node into a trailing input; returns the constants in input order."""
+    constants = []
+    last = gm.graph.find_nodes(op="placeholder")[-1]
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.sparsecc.index_constant.default)):
+        values, device = node.args
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(f"constant_{len(constants)}")
+        last.meta = dict(node.meta)
+        node.replace_all_uses_with(last)
+        gm.graph.erase_node(node)
+        constants.append(torch.tensor(values, dtype=torch.int64, device=device))
+    gm.recompile()
+    return constants
+
+
+def _densify(graph: fx.Graph, values: fx.Node, index: fx.Node, like: torch.Tensor) -> fx.Node:
+    """zeros(like).flatten().index_put([index], values).view(like.shape): a dense tensor from a stored one."""
+    zeros = graph.call_function(aten.full.default, ([like.numel()], 0),
+                                {"dtype": like.dtype, "device": like.device})
+    flat = graph.call_function(aten.index_put.default, (zeros, [index], values))
+    return graph.call_function(aten.view.default, (flat, list(like.shape)))
+
+
+def _compress(gm: fx.GraphModule, keys: list[str], args: list[torch.Tensor], sparse: dict[str, torch.Tensor],
+              masks: dict[str, str], trained: set[str]) -> tuple[list[str], list[torch.Tensor], list[str]]:
+    """Give each sparse weight's dense inputs (the weight, its full-shape optimizer state, its mask) to the
+    program as its kept values plus one int64 flat index, and return the new values of the written ones
+    as extra outputs. Returns (input keys, example inputs, extra output keys)."""
+    graph = gm.graph
+    nodes = dict(zip(keys, graph.find_nodes(op="placeholder")))
+    example = dict(zip(keys, args))
+    last, body = list(nodes.values())[-1], list(nodes.values())[-1].next
+    written, fresh = [], itertools.count()
+    for name, flat in sparse.items():
+        with graph.inserting_after(last):
+            index = last = graph.placeholder(f"sparse_index_{next(fresh)}")
+        nodes[f"index/{name}"], example[f"index/{name}"] = index, flat
+        shape = example[f"param/{name}"].shape
+        dense = [f"param/{name}"] + [k for k in keys if k.startswith(f"state/{name}/") and example[k].shape == shape]
+        for key in dense + ([f"buffer/{masks[name]}"] if name in masks else []):
+            old, like = nodes.pop(key), example.pop(key)
+            if key in dense:
+                with graph.inserting_after(last):
+                    values = last = graph.placeholder(f"sparse_values_{next(fresh)}")
+                nodes[key], example[key] = values, like.reshape(-1)[flat]
+            with graph.inserting_before(body):
+                if key not in dense:        # the mask: ones at the kept entries
+                    values = graph.call_function(aten.full.default, ([flat.numel()], 1),
+                                                 {"dtype": like.dtype, "device": like.device})
+                full = _densify(graph, values, index, like)
+            old.replace_all_uses_with(full)
+            graph.erase_node(old)
+            if key in dense and name in trained:
+                written.append((key, full, index))
+    out = graph.output_node()
+    with graph.inserting_before(out):
+        news = [graph.call_function(aten.index.Tensor, (graph.call_function(aten.view.default, (full, [-1])), [index]))
+                for _, full, index in written]
+    out.args = (tuple(out.args[0]) + tuple(news),)
+    gm.recompile()
+    order = {n: k for k, n in nodes.items()}
+    keys = [order[n] for n in graph.find_nodes(op="placeholder")]
+    return keys, [example[k] for k in keys], [k for k, _, _ in written]
+
+
+def train_step_program(step, x, y, sparse: dict[str, torch.Tensor] | None = None) -> Program:
+    """The functional training step of `step` for batches shaped like (x, y); its example inputs are the
+    step's current tensors, index constants included. `sparse` maps sparse weights to the int64 flat
+    positions of their kept entries: those weights travel compressed (see _compress)."""
+    gm, leaves = step.portable_graph(x, y)
+    updates = gm.meta["sparsecc_updates"]
+    constants = _lift_index_constants(gm)
+    kernels = {str(n.target) for n in gm.graph.find_nodes(op="call_function")
+               if getattr(n.target, "namespace", "aten") not in ("aten", "prims")}
+    if kernels:
+        raise ConfigError(f"the step's graph calls {sorted(kernels)} (generated GPU kernels: CUDA parameters or "
+                          f"SPARSECC_TRITON=1), which no artifact runtime has; save from a CPU step without "
+                          f"SPARSECC_TRITON")
+    keys = [f"param/{n}" for n in step._param_names] + [f"buffer/{n}" for n in step._buffer_names]
+    keys += [f"input/{i}" for i in range(len(leaves))] + [LR, STEP]
+    keys += [f"state/{n}/{s}" for n, _ in updates for s in step.optimizer.state_names]
+    keys += [f"constant/{i}" for i in range(len(constants))]
+    args = [t.detach().clone() for t in step._inputs(leaves, updates)] + constants
+    masks = {n: f"{MASK_PREFIX}{i}" for i, n in enumerate(step.masks)}
+    keys, args, extra = _compress(gm, keys, args, sparse or {}, masks, {n for n, _ in updates})
+    exported, new_of = _functional(_Call(gm), args)
+    user = [f"buffer/{n}" for n in step._mutated] + [LOSS] + extra
+    outputs, k = [], 0
+    for i in range(len(exported.graph.output_node().args[0])):
+        if i in new_of:
+            outputs.append(keys[new_of[i]])
+        else:
+            outputs.append(user[k])
+            k += 1
+    return Program("train_step", exported, keys, outputs, args)
+
+
+class _Forward(torch.nn.Module):
+    def __init__(self, model, names, aliases, spec, shapes):
+        super().__init__()
+        self.__dict__["model"] = model    # not a submodule: its tensors are this program's inputs, not its own
+        self.names, self.aliases, self.spec, self.shapes = names, aliases, spec, shapes
+
+    def forward(self, *args):
+        tensors = dict(zip(self.names, args))
+        for name, shape in self.shapes.items():      # sparse weights: values + flat index
+            values, index = tensors.pop(name), tensors.pop(f"index/{name}")
+            tensors[name] = values.new_zeros(shape.numel()).index_put((index,), values).view(shape)
+        tensors.update({alias: tensors[first] for alias, first in self.aliases.items()})
+        x = tree_unflatten(list(args[len(self.names):]), self.spec)
+        args, kwargs = (x, None) if isinstance(x, tuple) else ((), x) if isinstance(x, dict) else ((x,), None)
+        out = torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+        return tuple(tree_flatten(out)[0])
+
+
+def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> Program:
+    """The model's forward in eval mode, parameters and buffers as inputs (sparse weights as values and
+    flat index, as in train_step_program)."""
+    sparse = sparse or {}
+    model = step.model
+    params = dict(model.named_parameters())                    # first name of each tied tensor
+    aliases = {n: next(m for m, q in params.items() if q is p)
+               for n, p in step.params.items() if n not in params}
+    buffers = dict(model.named_buffers())
+    leaves, spec = tree_flatten(x)
+    names = list(params) + list(buffers) + [f"index/{n}" for n in sparse]
+    tensors = [p.detach().reshape(-1)[sparse[n]] if n in sparse else p.detach() for n, p in params.items()]
+    args = [t.clone() for t in [*tensors, *buffers.values(), *sparse.values(), *leaves]]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, out_spec = tree_flatten(call_model(model, x))
+            exported, new_of = _functional(_Forward(model, names, aliases, spec, {n: params[n].shape for n in sparse}), args)
+    finally:
+        model.train(training)
+    assert not new_of, "an eval-mode forward writes no input"
+    keys = [f"param/{n}" for n in params] + [f"buffer/{n}" for n in buffers] + [f"index/{n}" for n in sparse]
+    keys += [f"input/{i}" for i in range(len(leaves))]
+    n_out = len(exported.graph.output_node().args[0])
+    return Program("forward", exported, keys, [f"output/{i}" for i in range(n_out)], args, treespec_dumps(out_spec))
+
+
+# ---- host serialization: JSON only --------------------------------------------------------------------
+
+_DEBUG_META = ("stack_trace", "from_node", "nn_module_stack", "torch_fn", "source_fn_stack")
+
+
+def dumps(program: Program) -> bytes:
+    """The program's graph as torch.export's JSON schema, without per-node debug metadata (source lines,
+    module stacks: over half the bytes). It holds no tensors (every tensor is an input), so none of
+    torch.export's pickled sections is written."""
+    for node in program.exported.graph.nodes:
+        for key in _DEBUG_META:
+            node.meta.pop(key, None)
+    art = serde.serialize(program.exported, serialize_state_dict=False, serialize_constants=False,
+                          serialize_example_inputs=False)
+    return art.exported_program
+
+
+def loads(data: bytes) -> torch.export.ExportedProgram:
+    """Inverse of dumps. The pickled sections are given as empty containers, so torch.load is never reached."""
+    log = logging.getLogger(serde.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)     # it warns about every shape symbol of the export-time trace
+    try:
+        return serde.deserialize(serde.SerializedArtifact(data, {}, {}, ()))
+    finally:
+        log.setLevel(level)

@@ -1,0 +1,347 @@
+"""Artifacts: save a compiled training step, load it where the model's code is absent, train and run it on
+the host (torch.export), on x86_64 and on aarch64 (IREE, under qemu-user); reject every corrupt artifact
+without running anything from it."""
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+from sparsecc.export import archive, layouts
+from models import MLP, Transformer
+
+US = sparsecc.UpdateScheme
+SPEC = sparsecc.Sparsity({"blocks.*.mlp.fc1.weight": sparsecc.Blocks(8, 0.5),
+                          "blocks.*.attn.q.weight": sparsecc.NM(2, 4),
+                          "blocks.*.mlp.fc2.weight": sparsecc.Unstructured(0.3)})
+# attention's key bias has a true gradient of 0: it stays frozen so no optimizer amplifies rounding noise
+SCHEME = US({"blocks.*.k.bias": "frozen", "blocks.*.mlp.fc1.weight": "full", "blocks.*.attn.q.weight": "full",
+             "blocks.*.bias": "full", "blocks.*.ln*": "full", "blocks.0.attn.proj.weight": sparsecc.Channels(0.5),
+             "blocks.0.attn.v.weight": sparsecc.Channels(0.25, dim="out", select="magnitude")})
+
+
+def seq_loss(out, y):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def batches(n, vocab, shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, shape, generator=g), torch.randint(0, vocab, shape, generator=g)) for _ in range(n)]
+
+
+def sparse_transformer_step(optimizer, **size):
+    torch.manual_seed(0)
+    model = Transformer(**size)
+    sparsecc.sparsify(model, SPEC)
+    x, y = batches(1, size.get("vocab", 40), (2, size.get("seq", 16)))[0]
+    return sparsecc.compile_train_step(model, seq_loss, optimizer=optimizer, update=SCHEME, example_inputs=(x, y),
+                                       executor="eager")
+
+
+# ---- host: a fresh process without the model's code ---------------------------------------------------
+
+FRESH = """
+import importlib.util, sys
+import numpy as np, torch, sparsecc
+assert importlib.util.find_spec("models") is None, "the model's module must not be importable here"
+data = np.load(sys.argv[2])
+runner = sparsecc.load(sys.argv[1])
+losses = [float(runner.train_step(torch.from_numpy(data[f"x{i}"]), torch.from_numpy(data[f"y{i}"])))
+          for i in range(int(data["k"]))]
+out = {"losses": np.array(losses), "logits": runner(torch.from_numpy(data["x0"])).numpy()}
+out.update({f"param:{n}": p.numpy() for n, p in runner.parameters().items()})
+np.savez(sys.argv[3], **out)
+runner.save()
+"""
+
+
+@pytest.mark.parametrize("optimizer", [sparsecc.SGD(0.05, momentum=0.9, weight_decay=1e-3), sparsecc.AdamW(3e-3)],
+                         ids=["sgd_momentum", "adamw"])
+def test_fresh_process_without_model_source_trains_like_the_step(tmp_path, optimizer):
+    step = sparse_transformer_step(optimizer)
+    data = batches(5, 40, (2, 16))
+    for x, y in data[:2]:           # optimizer state and step count are not at their initial values
+        step(x, y)
+    path = step.save(tmp_path / "t.sparsecc")
+    k = 3
+    np.savez(tmp_path / "data.npz", k=k, **{f"x{i}": x.numpy() for i, (x, _) in enumerate(data[2:])},
+             **{f"y{i}": y.numpy() for i, (_, y) in enumerate(data[2:])})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", FRESH, str(path), str(tmp_path / "data.npz"), str(tmp_path / "out.npz")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    want = [float(step(x, y)) for x, y in data[2:]]
+    np.testing.assert_allclose(got["losses"], want, rtol=1e-5, atol=1e-6)
+    step.model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(got["logits"], step.model(data[2][0]).numpy(), rtol=1e-4, atol=1e-5)
+    for name, p in step.model.named_parameters(remove_duplicate=False):
+        np.testing.assert_allclose(got[f"param:{name}"], p.detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    for name, mask in step.model.sparsecc_masks.items():
+        assert (got[f"param:{name}"][~mask.numpy()] == 0).all(), name
+    again = sparsecc.load(path)       # runner.save() in the child wrote the trained state back
+    assert int(again.tensors["step"]) == 2 + k
+
+
+def test_batchnorm_buffers_and_channels_through_an_artifact(tmp_path):
+    from models import ConvNet
+    torch.manual_seed(0)
+    model = ConvNet()
+    sparsecc.sparsify(model, sparsecc.Sparsity({"head.weight": sparsecc.Unstructured(0.5)}))
+    x, y = torch.randn(4, 3, 10, 10), torch.randint(0, 5, (4,))
+    scheme = US({"bn*.*": "full", "head.*": "full", "stem.weight": sparsecc.Channels(0.5, dim="out")})
+    # SGD: a conv feeding BatchNorm has near-zero gradient directions that Adam would blow up to lr-sized noise
+    step = sparsecc.compile_train_step(model, F.cross_entropy, optimizer=sparsecc.SGD(0.05, momentum=0.9),
+                                       update=scheme, example_inputs=(x, y), executor="eager")
+    runner = sparsecc.load(step.save(tmp_path / "c.sparsecc"))
+    for _ in range(3):
+        torch.testing.assert_close(runner.train_step(x, y), step(x, y))
+    for name, buf in model.named_buffers():
+        torch.testing.assert_close(runner.tensors[f"buffer/{name}"], buf, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(runner.parameters()[name], p.detach(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    assert tuple(runner.tensors["state/stem.weight/momentum_buffer"].shape) == (4, 3, 3, 3)   # trained half only
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_weights_are_stored_compressed(tmp_path):
+    step = sparse_transformer_step(sparsecc.SGD(0.1, momentum=0.9), d=64, heads=4, layers=2, vocab=48)
+    path = step.save(tmp_path / "s.sparsecc")
+    manifest, files = archive.read(path)
+    index_bytes = {"unstructured": 4, "nm": 1}
+    compressed = 0
+    for p in manifest["parameters"]:
+        if p["tied_to"]:
+            continue
+        param = step.params[p["name"]]
+        mask = step.masks.get(p["name"])
+        nnz = int(mask.sum()) if mask is not None else param.numel()
+        kind = p["layout"].split(":")[0]
+        compressed += nnz * 4 + (nnz // 64 * 4 if kind == "blocks" else nnz * index_bytes.get(kind, 0))
+        if p["trained_shape"] is not None:
+            trained = nnz if mask is not None else torch.Size(p["trained_shape"]).numel()
+            compressed += trained * 4 * len(step.optimizer.state_names)
+        assert p["layout"] == (layouts.name(step.model.sparsecc_patterns[p["name"]]) if mask is not None else "dense")
+    compressed += sum(b.numel() * b.element_size() for n, b in step.model.named_buffers())
+    weights = manifest["files"]["weights.safetensors"]["bytes"]
+    assert weights <= 1.15 * compressed, (weights, compressed)
+    dense = sum(p.numel() * 4 for p in step.model.parameters())
+    assert weights < 0.8 * (dense + sum(s.numel() * 4 for st in step.state.values() for s in st.values()))
+
+
+# ---- CPU targets through IREE -------------------------------------------------------------------------
+
+def _aarch64_tool():
+    if shutil.which("qemu-aarch64") is None:
+        pytest.skip("qemu-aarch64 is not installed (Debian: apt-get install qemu-user libc6-arm64-cross); "
+                    ".ci/run installs it")
+    try:
+        return sparsecc.export.fetch_iree_run_module("aarch64")
+    except RuntimeError as e:
+        pytest.skip(f"cannot fetch the aarch64 iree-run-module: {e}")
+
+
+def test_aarch64_module_under_qemu_matches_x86_and_the_host(tmp_path):
+    step = sparse_transformer_step(sparsecc.SGD(0.05, momentum=0.9), d=16, heads=2, layers=1, seq=8, vocab=24)
+    path = step.save(tmp_path / "edge.sparsecc", targets=["host", "x86_64", "aarch64"])
+    host = sparsecc.load(path)
+    x86 = sparsecc.load(path, target="x86_64")
+    arm = sparsecc.load(path, target="aarch64", iree_run_module=_aarch64_tool())
+    data = batches(2, 24, (2, 8))
+    torch.testing.assert_close(arm(data[0][0]), x86(data[0][0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x86(data[0][0]), host(data[0][0]), rtol=1e-4, atol=1e-5)
+    for x, y in data:
+        loss_arm, loss_x86, loss_host = arm.train_step(x, y), x86.train_step(x, y), host.train_step(x, y)
+        torch.testing.assert_close(loss_arm, loss_x86, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss_x86, loss_host, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loss_host, step(x, y), rtol=1e-5, atol=1e-6)
+    for name, p in arm.parameters().items():
+        torch.testing.assert_close(p, x86.parameters()[name], rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(arm(data[1][0]), x86(data[1][0]), rtol=1e-5, atol=1e-5)
+
+
+# ---- robustness ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(path, bytes, batch, step) of a saved MLP step with a sparse weight (host target)."""
+    torch.manual_seed(0)
+    model = MLP(d_in=8, hidden=64, d_out=4)
+    sparsecc.sparsify(model, sparsecc.Sparsity({"fc2.weight": sparsecc.NM(2, 4)}))
+    x, y = torch.randn(5, 8), torch.randn(5, 4)
+    step = sparsecc.compile_train_step(model, F.mse_loss, optimizer=sparsecc.AdamW(1e-2),
+                                       update=US({"fc2.*": "full", "fc3.bias": "full"}), example_inputs=(x, y),
+                                       executor="eager")
+    path = step.save(tmp_path_factory.mktemp("small") / "m.sparsecc")
+    return path, path.read_bytes(), (x, y), step
+
+
+def _rewrite(src: bytes, dst, *, manifest=None, replace=None):
+    """Copy an artifact's members to dst, optionally changing the manifest (a function of it) or members."""
+    zin = zipfile.ZipFile(__import__("io").BytesIO(src))
+    members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
+    members.update(replace or {})
+    if manifest is not None:
+        members["manifest.json"] = json.dumps(manifest(json.loads(members["manifest.json"]))).encode()
+    with zipfile.ZipFile(dst, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
+    return dst
+
+
+def _resign(m, name, data):
+    m["files"][name] = {"sha256": archive.digest(data), "bytes": len(data)}
+    return m
+
+
+def test_truncated_artifact(small, tmp_path):
+    _, blob, _, _ = small
+    for cut in (len(blob) // 2, len(blob) - 10, 100):
+        (tmp_path / "t.sparsecc").write_bytes(blob[:cut])
+        with pytest.raises(sparsecc.ArtifactError, match="t.sparsecc: not a readable artifact"):
+            sparsecc.load(tmp_path / "t.sparsecc")
+
+
+def test_a_flipped_byte_in_any_file_is_caught_and_named(small, tmp_path):
+    _, blob, _, _ = small
+    zf = zipfile.ZipFile(__import__("io").BytesIO(blob))
+    for info in zf.infolist():
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        for where in (start, start + info.compress_size // 2, start + info.compress_size - 1):
+            bad = bytearray(blob)
+            bad[where] ^= 0x01
+            (tmp_path / "f.sparsecc").write_bytes(bad)
+            with pytest.raises(sparsecc.ArtifactError, match=info.filename.replace(".", r"\.")):
+                sparsecc.load(tmp_path / "f.sparsecc")
+
+
+def test_wrong_sha256_unknown_version_and_paths_outside(small, tmp_path):
+    _, blob, _, _ = small
+    p = tmp_path / "x.sparsecc"
+
+    def sha(m):
+        m["files"]["weights.safetensors"]["sha256"] = "0" * 64
+        return m
+    with pytest.raises(sparsecc.ArtifactError, match="weights.safetensors fails its sha256"):
+        sparsecc.load(_rewrite(blob, p, manifest=sha))
+    with pytest.raises(sparsecc.ArtifactError, match="format version 99 is not supported"):
+        sparsecc.load(_rewrite(blob, p, manifest=lambda m: {**m, "format_version": 99}))
+    for outside in ("../escape.bin", "/etc/passwd", "programs/../../x"):
+        with pytest.raises(sparsecc.ArtifactError, match="outside the artifact"):
+            sparsecc.load(_rewrite(blob, p, manifest=lambda m: _resign(m, outside, b"x")))
+    with pytest.raises(sparsecc.ArtifactError, match="stray.bin is in the artifact but not in manifest.json"):
+        sparsecc.load(_rewrite(blob, p, replace={"stray.bin": b"x"}))
+    with pytest.raises(sparsecc.ArtifactError, match="missing or malformed"):
+        sparsecc.load(_rewrite(blob, p, manifest=lambda m: {**m, "functions": {}}))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("member", ["weights.safetensors", "programs/host/train_step.json"])
+def test_a_pickle_payload_is_never_run(small, tmp_path, member):
+    import pickle
+    _, blob, _, _ = small
+    marker = tmp_path / "pwned"
+    for payload in (pickle.dumps(_Payload(marker)), _torch_save_bytes(_Payload(marker))):
+        p = _rewrite(blob, tmp_path / "p.sparsecc", replace={member: payload},
+                     manifest=lambda m: _resign(m, member, payload))
+        with pytest.raises(sparsecc.ArtifactError, match=member.replace(".", r"\.")):
+            sparsecc.load(p)
+        assert not marker.exists()
+
+
+def _torch_save_bytes(obj) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save({"state": obj}, buf)
+    return buf.getvalue()
+
+
+SAVER = """
+import sys, sparsecc
+runner = sparsecc.load(sys.argv[1])
+print("loaded", flush=True)
+while True:
+    runner.tensors["step"] += 1
+    runner.save()
+"""
+
+
+def test_killing_a_save_midway_leaves_a_loadable_artifact(small, tmp_path):
+    _, blob, (x, y), _ = small
+    path = tmp_path / "k.sparsecc"
+    path.write_bytes(blob)
+    for delay in (0.05, 0.13, 0.31, 0.47):
+        child = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "loaded"
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        runner = sparsecc.load(path)           # the previous or the new artifact, never a torn one
+        assert runner.train_step(x, y).isfinite()
+
+
+def test_bad_save_and_load_requests_change_nothing(small, tmp_path):
+    path, _, (x, y), step = small
+    with pytest.raises(sparsecc.ConfigError, match="TrainStep from sparsecc.compile_train_step, got OptimizedModule"):
+        sparsecc.save(torch.compile(MLP(), backend="sparsecc"), tmp_path / "no.sparsecc")
+    with pytest.raises(sparsecc.ConfigError, match="unknown target 'arm64'.*Did you mean: 'aarch64'"):
+        step.save(tmp_path / "no.sparsecc", targets=["host", "arm64"])
+    runner = sparsecc.load(path)
+    with pytest.raises(sparsecc.ConfigError, match=r"holds targets \['host'\], not 'aarch64'"):
+        sparsecc.load(path, target="aarch64")
+    with pytest.raises(sparsecc.ConfigError, match=r"input/0 is torch.float32 \[3, 8\].*\[5, 8\]"):
+        runner.train_step(torch.randn(3, 8), y)
+    before = {k: v.clone() for k, v in runner.tensors.items()}
+    with pytest.raises(sparsecc.ConfigError, match="structured as"):
+        runner.train_step((x, x), y)
+    assert all(torch.equal(v, runner.tensors[k]) for k, v in before.items())
+    assert not (tmp_path / "no.sparsecc").exists()
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+def test_cli_inspect_and_run(small, tmp_path):
+    path, blob, (x, y), _ = small
+    art = tmp_path / "cli.sparsecc"
+    art.write_bytes(blob)
+    cli = [sys.executable, "-m", "sparsecc.cli"]
+    shown = subprocess.run(cli + ["inspect", str(art)], capture_output=True, text=True, check=True).stdout
+    assert "targets: host" in shown and "nm:2:4" in shown and "fc2.weight" in shown and "weights.safetensors" in shown
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 4, generator=g)
+    np.savez(tmp_path / "b.npz", x=xs.numpy(), y=ys.numpy())
+    run = subprocess.run(cli + ["run", str(art), "--data", str(tmp_path / "b.npz"), "--steps", "6"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "step 6/6" in run.stderr and "trained 6 steps on host" in run.stdout
+    reference = sparsecc.load(path)
+    for i in range(6):
+        reference.train_step(xs[i % 4], ys[i % 4])
+    trained = sparsecc.load(art)
+    for name, p in reference.parameters().items():
+        torch.testing.assert_close(trained.parameters()[name], p, msg=name)
+    bad = subprocess.run(cli + ["run", str(art), "--data", str(path), "--steps", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "must hold arrays 'x'" in bad.stderr
+    assert art.read_bytes() == trained.path.read_bytes()          # a failed run leaves the artifact alone
