@@ -1,4 +1,4 @@
-"""The artifact container: one zip file (stored, not compressed) holding manifest.json and the files it lists.
+"""The artifact container: one zip file holding manifest.json and the files it lists (JSON deflated, the rest stored).
 
 The manifest records a sha256 and size for every other file; reading checks the zip's own CRCs, the format
 version, that every listed path is a plain relative path inside the archive, that nothing unlisted is
@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 FORMAT = "sparsecc-artifact"
@@ -38,9 +39,9 @@ def write(path: str | os.PathLike, manifest: dict, files: dict[str, bytes]) -> N
     try:
         with os.fdopen(fd, "wb") as raw:
             with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as zf:
-                zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-                for name, data in files.items():
-                    zf.writestr(name, data)
+                zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True), zipfile.ZIP_DEFLATED)
+                for name, data in files.items():   # JSON programs shrink ~10x; weights and modules do not
+                    zf.writestr(name, data, zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
@@ -65,12 +66,20 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
         raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror})") from None
     try:
         zf = zipfile.ZipFile(io.BytesIO(blob))
-        members = {info.filename: info for info in zf.infolist()}
-        if MANIFEST not in members:
-            raise ArtifactError(f"{path}: no {MANIFEST} inside; this is not a sparsecc artifact")
-        data = {name: zf.read(name) for name in members}      # checks each member's CRC-32
+        members = [info.filename for info in zf.infolist()]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
         raise ArtifactError(f"{path}: not a readable artifact (truncated or corrupt zip: {e})") from None
+    if MANIFEST not in members:
+        raise ArtifactError(f"{path}: no {MANIFEST} inside; this is not a sparsecc artifact")
+    twice = sorted({m for m in members if members.count(m) > 1})
+    if twice:
+        raise ArtifactError(f"{path}: {twice[0]} appears more than once in the artifact")
+    data = {}
+    for name in members:
+        try:
+            data[name] = zf.read(name)          # checks the member's CRC-32
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, NotImplementedError) as e:
+            raise ArtifactError(f"{path}: {name} is corrupt ({e})") from None
     try:
         manifest = json.loads(data.pop(MANIFEST))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -119,7 +119,7 @@ def _write(path, manifest: dict, files: dict[str, bytes], tensors: dict[str, tor
 _ALLOWED_NAMESPACES = ("aten", "prims")
 
 
-def _host_program(path, name: str, data: bytes):
+def _host_program(path, name: str, data: bytes, executor: str):
     try:
         exported = programs.loads(data)
     except Exception as e:       # the deserializer's own errors are of many kinds; none runs artifact code
@@ -129,6 +129,8 @@ def _host_program(path, name: str, data: bytes):
                 and getattr(node.target, "namespace", None) not in _ALLOWED_NAMESPACES:
             raise ArtifactError(f"{path}: {name} calls {node.target}, which is not an ATen/prims operator")
     module = exported.module()
+    if executor == "inductor":
+        module = torch.compile(module, backend="inductor", fullgraph=True)
     return lambda args: list(module(*args))
 
 
@@ -136,17 +138,17 @@ class Runner:
     """A loaded artifact. train_step(x, y) trains in place and returns the loss; runner(x) runs the forward
     (eval mode); save() writes the trained state back (atomically)."""
 
-    def __init__(self, path, manifest, files, tensors, target, iree_run_module):
+    def __init__(self, path, manifest, files, tensors, target, iree_run_module, executor):
         self.path, self.manifest, self.target = Path(path), manifest, target
         self._files, self.tensors = files, tensors
         self._aliases = {p["name"]: p["tied_to"] for p in manifest["parameters"] if p["tied_to"]}
-        self._run = {f: self._executor(f, target, iree_run_module) for f in _FUNCTIONS}
+        self._run = {f: self._executor(f, target, iree_run_module, executor) for f in _FUNCTIONS}
 
-    def _executor(self, function, target, tool):
+    def _executor(self, function, target, tool, executor):
         name = _program_file(target, function)
         data = self._files[name]
         if target == "host":
-            return _host_program(self.path, name, data)
+            return _host_program(self.path, name, data, executor)
         n_out = len(self.manifest["functions"][function]["outputs"])
         if tool is None:
             if target != platform.machine():
@@ -201,6 +203,12 @@ class Runner:
         outs = self._run["forward"](self._args("forward", leaves))
         return tree_unflatten(outs, treespec_loads(self.manifest["functions"]["forward"]["out_spec"]))
 
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate (a program input: nothing is recompiled); saved with the artifact."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise ConfigError(f"lr must be a number >= 0, got {lr!r}")
+        self.tensors[programs.LR].fill_(float(lr))
+
     def parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter by name as a dense tensor (tied names share one; sparse weights are expanded)."""
         out = {}
@@ -221,10 +229,16 @@ class Runner:
         return _write(self.path if path is None else path, manifest, files, self.tensors)
 
 
-def load(path, *, target: str = "host", iree_run_module: str | os.PathLike | None = None) -> Runner:
-    """Load an artifact. target picks the programs: 'host' (torch.export, run by this PyTorch) or a CPU target
+def load(path, *, target: str = "host", executor: str = "eager",
+         iree_run_module: str | os.PathLike | None = None) -> Runner:
+    """Load an artifact. target picks the programs: 'host' (torch.export, run by this PyTorch; executor
+    'inductor' compiles them with torch.compile on first use, 'eager' runs them op by op) or a CPU target
     the artifact was saved for (run by IREE: in process on a machine of that architecture, or with the
     given `iree-run-module` binary, under qemu-user for another architecture)."""
+    if executor not in ("eager", "inductor"):
+        raise ConfigError(f"executor must be 'eager' or 'inductor', got {executor!r}")
+    if executor != "eager" and target != "host":
+        raise ConfigError(f"executor={executor!r} applies to target='host'; IREE runs the {target} programs")
     manifest, files = archive.read(path)
     _check_manifest(path, manifest)
     if target not in manifest["targets"]:
@@ -250,7 +264,8 @@ def load(path, *, target: str = "host", iree_run_module: str | os.PathLike | Non
         for s in manifest["functions"][fn]["inputs"]:
             if not s["key"].startswith("input/") and s["key"] not in tied and s["key"] not in tensors:
                 raise ArtifactError(f"{path}: {WEIGHTS} has no tensor {s['key']!r}, which {fn} reads")
-    return Runner(path, manifest, files, tensors, target, None if iree_run_module is None else str(iree_run_module))
+    return Runner(path, manifest, files, tensors, target, None if iree_run_module is None else str(iree_run_module),
+                  executor)
 
 
 def _check_manifest(path, manifest: dict) -> None:

@@ -149,8 +149,8 @@ def train_step_program(step, x, y, sparse: dict[str, torch.Tensor] | None = None
     gm, leaves = step.portable_graph(x, y)
     updates = gm.meta["sparsecc_updates"]
     constants = _lift_index_constants(gm)
-    kernels = {str(n.target) for n in gm.graph.find_nodes(op="call_function")
-               if getattr(n.target, "namespace", "aten") not in ("aten", "prims")}
+    kernels = {str(n.target) for n in gm.graph.nodes
+               if n.op == "call_function" and getattr(n.target, "namespace", "aten") not in ("aten", "prims")}
     if kernels:
         raise ConfigError(f"the step's graph calls {sorted(kernels)} (generated GPU kernels: CUDA parameters or "
                           f"SPARSECC_TRITON=1), which no artifact runtime has; save from a CPU step without "
