@@ -52,7 +52,7 @@ def inspect(path: str, as_json: bool = False) -> str:
         batch = [f"{s['dtype']}{s['shape']}" for s in sig["inputs"] if s["key"].startswith("input/")]
         lines.append(f"{fn}: batch {', '.join(batch)} -> {len(sig['outputs'])} outputs "
                      f"({len(sig['inputs'])} inputs in all)")
-    lines += ["", f"  {'parameter':<34} {'shape':<14} {'dtype':<8} {'layout':<13} {'update':<28} {'stored':>9}"]
+    lines += ["", f"  {'parameter':<34} {'shape':<14} {'dtype':<8} {'layout':<13} {'update':<46} {'stored':>9}"]
     for p in manifest["parameters"]:
         if p["tied_to"]:
             stored, update = f"= {p['tied_to']}", p["update"]
@@ -61,7 +61,7 @@ def inspect(path: str, as_json: bool = False) -> str:
                     or k.startswith(f"state/{p['name']}/")]
             stored = _size(sum(tensors[k].numel() * tensors[k].element_size() for k in keys))
             update = p["update"] + (f" {p['trained_shape']}" if p["trained_shape"] not in (None, p["shape"]) else "")
-        lines.append(f"  {p['name']:<34} {str(p['shape']):<14} {p['dtype']:<8} {p['layout']:<13} {update:<28} {stored:>9}")
+        lines.append(f"  {p['name']:<34} {str(p['shape']):<14} {p['dtype']:<8} {p['layout']:<13} {update:<46} {stored:>9}")
     dense = sum(torch.Size(p["shape"]).numel() * 4 for p in manifest["parameters"] if not p["tied_to"])
     sparse = [p for p in manifest["parameters"] if p["layout"] != layouts.DENSE]
     lines.append(f"\n{len(sparse)} sparse weights; weights file {_size(manifest['files'][WEIGHTS]['bytes'])} "
