@@ -338,8 +338,10 @@ def test_killing_a_save_midway_leaves_a_loadable_artifact(small, tmp_path):
 
 def test_bad_save_and_load_requests_change_nothing(small, tmp_path):
     path, _, (x, y), step = small
-    with pytest.raises(sparsecc.ConfigError, match="TrainStep from sparsecc.compile_train_step, got OptimizedModule"):
+    with pytest.raises(sparsecc.ConfigError, match="saving a model .OptimizedModule. needs loss_fn=, optimizer="):
         sparsecc.save(torch.compile(MLP(), backend="sparsecc"), tmp_path / "no.sparsecc")
+    with pytest.raises(sparsecc.ConfigError, match="a TrainStep from sparsecc.compile_train_step or a model, got dict"):
+        sparsecc.save({}, tmp_path / "no.sparsecc")
     with pytest.raises(sparsecc.ConfigError, match="unknown target 'arm64'.*Did you mean: 'aarch64'"):
         step.save(tmp_path / "no.sparsecc", targets=["host", "arm64"])
     runner = sparsecc.load(path)
@@ -364,6 +366,26 @@ def test_host_programs_under_inductor_match_eager(small):
     for name, p in eager.parameters().items():
         torch.testing.assert_close(compiled.parameters()[name], p, msg=name)
     torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_a_compiled_model_saves_through_its_training_step(tmp_path):
+    """sparsecc.save(torch.compile(model, backend="sparsecc"), ...): the loss, optimizer and scheme given build
+    the training step; the runner then trains like compile_train_step on an identical model."""
+    torch.manual_seed(0)
+    model = MLP(d_in=8, hidden=16, d_out=4)
+    twin = MLP(d_in=8, hidden=16, d_out=4)
+    twin.load_state_dict(model.state_dict())
+    scheme = US({"fc1.bias": "full", "fc3.*": "full"})
+    compiled = torch.compile(model, backend="sparsecc", options={"update": scheme})
+    x, y = torch.randn(5, 8), torch.randn(5, 4)
+    path = sparsecc.save(compiled, tmp_path / "c.sparsecc", loss_fn=F.mse_loss, optimizer=sparsecc.SGD(0.1),
+                         update=scheme, example_inputs=(x, y))
+    runner = sparsecc.load(path)
+    step = sparsecc.compile_train_step(twin, F.mse_loss, optimizer=sparsecc.SGD(0.1), update=scheme,
+                                       example_inputs=(x, y), executor="eager")
+    for _ in range(2):
+        torch.testing.assert_close(runner.train_step(x, y), step(x, y))
+    assert [p["update"] for p in runner.manifest["parameters"]] == ["frozen", "full", "frozen", "frozen", "full", "full"]
 
 
 def test_set_lr_reaches_the_program_and_the_saved_artifact(small, tmp_path):

@@ -58,13 +58,25 @@ def _parameter_table(step, updates, layout: dict[str, str]) -> list[dict]:
             for n, p in step.params.items()]
 
 
-def save(step, path, *, targets=("host",), example_inputs=None) -> Path:
-    """Write `step` (a TrainStep) to path: its training step and forward for batches shaped like
-    example_inputs (default: the step's own example), for each target. Returns the path."""
-    from ..train_step import TrainStep
-    if not isinstance(step, TrainStep):
-        raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step, got {type(step).__name__}")
+def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, optimizer=None, update=None) -> Path:
+    """Write `step` to path: its training step and forward for batches shaped like example_inputs (default:
+    the step's own example), for each target. Returns the path.
+
+    `step` is a TrainStep, or a model (a torch.compile'd one included, e.g. with backend="sparsecc"): then
+    loss_fn, optimizer, example_inputs and the update scheme build its training step with
+    compile_train_step first (a compiled model carries no loss or optimizer to save)."""
+    from ..train_step import TrainStep, compile_train_step
     targets = _check_targets(targets)
+    if isinstance(step, torch.nn.Module):
+        if loss_fn is None or optimizer is None or example_inputs is None:
+            raise ConfigError(f"saving a model ({type(step).__name__}) needs loss_fn=, optimizer= and example_inputs= "
+                              f"(and update= for a sparse-update scheme) to build its training step; or pass a "
+                              f"TrainStep from sparsecc.compile_train_step")
+        step = compile_train_step(getattr(step, "_orig_mod", step), loss_fn, optimizer=optimizer, update=update,
+                                  example_inputs=example_inputs)
+    elif not isinstance(step, TrainStep):
+        raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step or a model, "
+                          f"got {type(step).__name__}")
     x, y = step.example_inputs if example_inputs is None else example_inputs
     patterns = getattr(step.model, "sparsecc_patterns", {})
     layout = {n: layouts.name(patterns.get(n)) for n in step.params}
