@@ -1,6 +1,6 @@
 """The `sparsecc` command: look inside an artifact, or train from one without the model's code.
 
-    sparsecc inspect finetune.sparsecc
+    sparsecc inspect finetune.sparsecc [--json | --graph train_step|forward]
     sparsecc run finetune.sparsecc --data batches.npz --steps 100 [--target aarch64]
 
 batches.npz holds arrays `x` and `y` whose first dimension indexes batches (a model with several
@@ -21,7 +21,7 @@ import torch
 from .config import ConfigError
 from .export import ArtifactError, fetch_iree_run_module, load
 from .export import archive, layouts
-from .export.artifact import WEIGHTS
+from .export.artifact import WEIGHTS, host_exported
 
 
 def _size(n: int) -> str:
@@ -66,6 +66,24 @@ def inspect(path: str, as_json: bool = False) -> str:
     sparse = [p for p in manifest["parameters"] if p["layout"] != layouts.DENSE]
     lines.append(f"\n{len(sparse)} sparse weights; weights file {_size(manifest['files'][WEIGHTS]['bytes'])} "
                  f"(parameters dense in fp32 would be {_size(dense)} before optimizer state)")
+    return "\n".join(lines)
+
+
+def graph(path: str, function: str) -> str:
+    """The readable code of an artifact's host program (train_step or forward), its inputs and outputs
+    named by their keys."""
+    manifest, files = archive.read(path)
+    name = f"programs/host/{function}.json"
+    if function not in ("train_step", "forward"):
+        raise ConfigError(f"--graph must be 'train_step' or 'forward', got {function!r}")
+    if name not in files:
+        raise ConfigError(f"{path} has no host programs (targets {manifest.get('targets')}); the IREE modules are "
+                          f"compiled code, not graphs")
+    exported = host_exported(path, name, files[name])
+    sig = manifest["functions"][function]
+    placeholders = [n.name for n in exported.graph.find_nodes(op="placeholder")]
+    lines = [f"# {function}: inputs"] + [f"#   {p:<16} {s['key']}" for p, s in zip(placeholders, sig["inputs"])]
+    lines += [f"# outputs, in order: {', '.join(s['key'] for s in sig['outputs'])}", exported.graph_module.code]
     return "\n".join(lines)
 
 
@@ -122,6 +140,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("inspect", help="manifest, targets, files and the parameter table of an artifact")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.add_argument("--graph", choices=("train_step", "forward"), help="print a host program's code")
     p = sub.add_parser("run", help="train from an artifact on batches from an .npz file, then save")
     p.add_argument("artifact")
     p.add_argument("--data", required=True, help=".npz with arrays x (or x.0, x.1, ...) and y, batch index first")
@@ -132,7 +151,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
-            print(inspect(args.artifact, args.json))
+            print(graph(args.artifact, args.graph) if args.graph else inspect(args.artifact, args.json))
         else:
             run(args.artifact, args.data, args.steps, args.target, args.out, not args.no_save)
     except (ArtifactError, ConfigError) as e:

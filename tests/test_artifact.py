@@ -120,6 +120,30 @@ def test_batchnorm_buffers_and_channels_through_an_artifact(tmp_path):
         torch.testing.assert_close(runner(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_transformers_llama_with_keyword_inputs_on_host_and_x86(tmp_path):
+    """A real transformers model: keyword inputs, a ModelOutput with a KV cache object (returned as a dict with
+    None for the cache), constants its forward creates, rotary buffers."""
+    from models import tiny_llama
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    scheme = US({"*norm*": "full", "model.layers.1.mlp.*": sparsecc.Channels(0.5)})
+    step = sparsecc.compile_train_step(model, lambda out, y: seq_loss(out.logits, y), optimizer=sparsecc.AdamW(1e-3),
+                                       update=scheme, example_inputs=({"input_ids": ids}, y), executor="eager")
+    path = step.save(tmp_path / "llama.sparsecc", targets=["host", "x86_64"])
+    host, x86 = sparsecc.load(path), sparsecc.load(path, target="x86_64")
+    for _ in range(2):
+        want = step({"input_ids": ids}, y)
+        torch.testing.assert_close(host.train_step({"input_ids": ids}, y), want)
+        torch.testing.assert_close(x86.train_step({"input_ids": ids}, y), want, rtol=1e-5, atol=1e-5)
+    out = host({"input_ids": ids})
+    assert set(out) == {"logits", "past_key_values"} and out["past_key_values"] is None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x86({"input_ids": ids})["logits"], out["logits"], rtol=1e-4, atol=1e-5)
+
+
 def test_sparse_weights_are_stored_compressed(tmp_path):
     step = sparse_transformer_step(sparsecc.SGD(0.1, momentum=0.9), d=64, heads=4, layers=2, vocab=48)
     path = step.save(tmp_path / "s.sparsecc")
@@ -407,6 +431,10 @@ def test_cli_inspect_and_run(small, tmp_path):
     cli = [sys.executable, "-m", "sparsecc.cli"]
     shown = subprocess.run(cli + ["inspect", str(art)], capture_output=True, text=True, check=True).stdout
     assert "targets: host" in shown and "nm:2:4" in shown and "fc2.weight" in shown and "weights.safetensors" in shown
+    code = subprocess.run(cli + ["inspect", str(art), "--graph", "train_step"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "param/fc2.weight" in code and "index/fc2.weight" in code and "torch.ops.aten.index_put.default" in code
+    assert "torch.ops.aten.mm.default" in code and "sparsecc" not in code.split("# outputs")[1]
     g = torch.Generator().manual_seed(3)
     xs, ys = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 4, generator=g)
     np.savez(tmp_path / "b.npz", x=xs.numpy(), y=ys.numpy())

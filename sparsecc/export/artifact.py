@@ -98,6 +98,7 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
     tensors[programs.STEP] = step._step.detach().clone()
     tensors = {k: v for k, v in tensors.items() if not _is_alias(k, step)}
     tensors.update({f"index/{n}": flat for n, flat in sparse.items()})
+    tensors.update({k: v for k, v in zip(forward.inputs, forward.example) if k.startswith("constant/")})
     _, x_spec = tree_flatten((x, y))
     manifest = {
         "sparsecc_version": version("sparsecc"), "torch_version": torch.__version__, "targets": targets,
@@ -131,7 +132,8 @@ def _write(path, manifest: dict, files: dict[str, bytes], tensors: dict[str, tor
 _ALLOWED_NAMESPACES = ("aten", "prims")
 
 
-def _host_program(path, name: str, data: bytes, executor: str):
+def host_exported(path, name: str, data: bytes) -> torch.export.ExportedProgram:
+    """A host program of an artifact, deserialized and checked to call only ATen/prims operators."""
     try:
         exported = programs.loads(data)
     except Exception as e:       # the deserializer's own errors are of many kinds; none runs artifact code
@@ -140,7 +142,11 @@ def _host_program(path, name: str, data: bytes, executor: str):
         if node.op == "call_function" and node.target is not operator.getitem \
                 and getattr(node.target, "namespace", None) not in _ALLOWED_NAMESPACES:
             raise ArtifactError(f"{path}: {name} calls {node.target}, which is not an ATen/prims operator")
-    module = exported.module()
+    return exported
+
+
+def _host_program(path, name: str, data: bytes, executor: str):
+    module = host_exported(path, name, data).module()
     if executor == "inductor":
         module = torch.compile(module, backend="inductor", fullgraph=True)
     return lambda args: list(module(*args))
@@ -212,8 +218,10 @@ class Runner:
     @torch.no_grad()
     def __call__(self, x):
         leaves = self._leaves("forward", x, "input_spec")
-        outs = self._run["forward"](self._args("forward", leaves))
-        return tree_unflatten(outs, treespec_loads(self.manifest["functions"]["forward"]["out_spec"]))
+        outs = iter(self._run["forward"](self._args("forward", leaves)))
+        sig = self.manifest["functions"]["forward"]
+        return tree_unflatten([next(outs) if is_tensor else None for is_tensor in sig["out_tensors"]],
+                              treespec_loads(sig["out_spec"]))
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate (a program input: nothing is recompiled); saved with the artifact."""
@@ -294,6 +302,9 @@ def _check_manifest(path, manifest: dict) -> None:
         sig = manifest.get("functions", {}).get(fn)
         if not isinstance(sig, dict) or not isinstance(sig.get(spec_key), str):
             raise bad(f"functions.{fn}")
+        if fn == "forward" and not (isinstance(sig.get("out_tensors"), list)
+                                    and sum(map(bool, sig["out_tensors"])) == len(sig.get("outputs", []))):
+            raise bad("functions.forward.out_tensors")
         for side in ("inputs", "outputs"):
             entries = sig.get(side)
             if not isinstance(entries, list) or not all(

@@ -28,13 +28,22 @@ def _missing(what: str, package: str) -> ConfigError:
                        f"`pip install -c constraints.txt -e \".[deploy]\"` (see README, Deploying)")
 
 
+def _empty_permuted(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None):
+    """torch-mlir has no lowering for aten.empty_permuted (core ATen's empty_like): tensors have value semantics
+    in linalg, so the physical layout is immaterial and a plain empty tensor of the logical size is the same."""
+    return torch.empty(size, dtype=dtype, device=device)
+
+
 def to_mlir(exported: torch.export.ExportedProgram, name: str) -> str:
     """The program as MLIR in the linalg-on-tensors dialects, function `name`."""
     try:
         from torch_mlir import fx
+        from torch_mlir.extras.fx_decomp_util import get_decomposition_table
     except ImportError:
         raise _missing("lowering to IREE", "torch-mlir") from None
-    return str(fx.export_and_import(exported, output_type="linalg-on-tensors", func_name=name))
+    table = {**get_decomposition_table(), torch.ops.aten.empty_permuted.default: _empty_permuted}
+    return str(fx.export_and_import(exported, output_type="linalg-on-tensors", func_name=name,
+                                    decomposition_table=table))
 
 
 def compile_vmfb(mlir: str, target: str) -> bytes:

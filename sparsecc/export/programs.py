@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch._export.serde import serialize as serde
+from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
 
 from ..config import ConfigError
@@ -33,6 +35,7 @@ class Program:
     outputs: list[str]       # key of each output
     example: list[torch.Tensor]
     out_spec: str = ""       # JSON pytree spec of a forward's user outputs
+    out_tensors: tuple[bool, ...] = ()   # which of its leaves are tensors (program outputs); the rest are None
 
     def signature(self) -> dict:
         def entry(key, t):
@@ -40,13 +43,13 @@ class Program:
         out_vals = [n.meta["val"] for n in self.exported.graph.output_node().args[0]]
         return {"inputs": [entry(k, t) for k, t in zip(self.inputs, self.example)],
                 "outputs": [entry(k, t) for k, t in zip(self.outputs, out_vals)],
-                "out_spec": self.out_spec}
+                "out_spec": self.out_spec, "out_tensors": list(self.out_tensors)}
 
 
 class _Call(torch.nn.Module):
     def __init__(self, gm):
         super().__init__()
-        self.gm = gm
+        self.__dict__["gm"] = gm     # not a submodule: export must not lift its (unused) tensor attributes
 
     def forward(self, *args):
         return tuple(self.gm(*args))
@@ -60,34 +63,52 @@ def _reshape_not_view(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _functional(module: torch.nn.Module, args: list[torch.Tensor]) -> tuple[torch.export.ExportedProgram, dict]:
-    """Export module(*args) and return a program with no in-place writes, plus {output index: input index}
-    for the outputs that carry the new value of an input the original wrote in place."""
+def _functional(module: torch.nn.Module, args: list[torch.Tensor]):
+    """Export module(*args) as a program with no in-place writes. Returns (program, {output index: input index}
+    for the outputs that carry the new value of an input the original wrote in place, the tensors the trace
+    created itself — e.g. a torch.tensor(...) in a model's forward — which the program takes after args)."""
     ep = torch.export.export(module, tuple(args), strict=False).run_decompositions({})
-    placeholders = [n.name for n in ep.graph.find_nodes(op="placeholder")]
-    written = ep.graph_signature.user_inputs_to_mutate
+    specs = ep.graph_signature.input_specs
+    nodes = ep.graph.find_nodes(op="placeholder")
+    user = [n for n, sp in zip(nodes, specs) if sp.kind == InputKind.USER_INPUT]
+    own = [(n, ep.constants[sp.target] if sp.target in ep.constants else ep.state_dict[sp.target])
+           for n, sp in zip(nodes, specs) if sp.kind != InputKind.USER_INPUT]
+    written = {out: next(i for i, n in enumerate(user) if n.name == name)
+               for out, name in ep.graph_signature.user_inputs_to_mutate.items()}
     outputs = [n.name for n in ep.graph.output_node().args[0]]
-    new_of = {i: placeholders.index(written[name]) for i, name in enumerate(outputs) if name in written}
+    new_of = {i: written[name] for i, name in enumerate(outputs) if name in written}
     flat = fx.GraphModule(ep.graph_module, ep.graph_module.graph)
     flat.graph._codegen = fx.graph.CodeGen()       # plain positional inputs, a plain tuple out
+    for node, _ in own:                            # the trace's own tensors become trailing inputs
+        user[-1].append(node)
+        user.append(node)
     _reshape_not_view(flat)
-    pure = torch.export.export(_Call(flat), tuple(args), strict=False).run_decompositions({})
+    lifted = [t.detach().clone() for _, t in own]
+    pure = torch.export.export(_Call(flat), tuple(args) + tuple(lifted), strict=False).run_decompositions({})
     _reshape_not_view(pure.graph_module)
-    return pure, new_of
+    return pure, new_of, lifted
 
 
-def _lift_index_constants(gm: fx.GraphModule) -> list[torch.Tensor]:
-    """Turn each sparsecc::index_constant node into a trailing input; returns the constants in input order."""
+def _lift_constants(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Turn the graph's own tensors — tensor attributes (get_attr) and sparsecc::index_constant nodes — into
+    trailing inputs, so the program holds none; returns them in input order."""
     constants = []
     last = gm.graph.find_nodes(op="placeholder")[-1]
-    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.sparsecc.index_constant.default)):
-        values, device = node.args
+    index_op = torch.ops.sparsecc.index_constant.default
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is index_op:
+            values, device = node.args
+            value = torch.tensor(values, dtype=torch.int64, device=device)
+        elif node.op == "get_attr" and isinstance(getattr(gm, node.target, None), torch.Tensor):
+            value = getattr(gm, node.target).detach().clone()
+        else:
+            continue
         with gm.graph.inserting_after(last):
             last = gm.graph.placeholder(f"constant_{len(constants)}")
         last.meta = dict(node.meta)
         node.replace_all_uses_with(last)
         gm.graph.erase_node(node)
-        constants.append(torch.tensor(values, dtype=torch.int64, device=device))
+        constants.append(value)
     gm.recompile()
     return constants
 
@@ -148,7 +169,7 @@ def train_step_program(step, x, y, sparse: dict[str, torch.Tensor] | None = None
     positions of their kept entries: those weights travel compressed (see _compress)."""
     gm, leaves = step.portable_graph(x, y)
     updates = gm.meta["sparsecc_updates"]
-    constants = _lift_index_constants(gm)
+    constants = _lift_constants(gm)
     kernels = {str(n.target) for n in gm.graph.nodes
                if n.op == "call_function" and getattr(n.target, "namespace", "aten") not in ("aten", "prims")}
     if kernels:
@@ -162,7 +183,9 @@ def train_step_program(step, x, y, sparse: dict[str, torch.Tensor] | None = None
     args = [t.detach().clone() for t in step._inputs(leaves, updates)] + constants
     masks = {n: f"{MASK_PREFIX}{i}" for i, n in enumerate(step.masks)}
     keys, args, extra = _compress(gm, keys, args, sparse or {}, masks, {n for n, _ in updates})
-    exported, new_of = _functional(_Call(gm), args)
+    exported, new_of, lifted = _functional(_Call(gm), args)
+    keys += [f"constant/{len(constants) + i}" for i in range(len(lifted))]
+    args += lifted
     user = [f"buffer/{n}" for n in step._mutated] + [LOSS] + extra
     outputs, k = [], 0
     for i in range(len(exported.graph.output_node().args[0])):
@@ -172,6 +195,19 @@ def train_step_program(step, x, y, sparse: dict[str, torch.Tensor] | None = None
             outputs.append(user[k])
             k += 1
     return Program("train_step", exported, keys, outputs, args)
+
+
+def _plain(out):
+    """A model output as plain containers: mappings (transformers' ModelOutput too) become dicts, tuples and
+    lists stay, tensors stay, anything else (a KV cache object) becomes None — so the loaded forward returns
+    it without the model's classes. Only the tensor leaves are program outputs."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return {k: _plain(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_plain(v) for v in out) if type(out) in (tuple, list) else tuple(_plain(v) for v in out)
+    return None
 
 
 class _Forward(torch.nn.Module):
@@ -189,7 +225,7 @@ class _Forward(torch.nn.Module):
         x = tree_unflatten(list(args[len(self.names):]), self.spec)
         args, kwargs = (x, None) if isinstance(x, tuple) else ((), x) if isinstance(x, dict) else ((x,), None)
         out = torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
-        return tuple(tree_flatten(out)[0])
+        return tuple(leaf for leaf in tree_flatten(_plain(out))[0] if isinstance(leaf, torch.Tensor))
 
 
 def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> Program:
@@ -209,15 +245,18 @@ def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> P
     model.eval()
     try:
         with torch.no_grad():
-            _, out_spec = tree_flatten(call_model(model, x))
-            exported, new_of = _functional(_Forward(model, names, aliases, spec, {n: params[n].shape for n in sparse}), args)
+            leaves_out, out_spec = tree_flatten(_plain(call_model(model, x)))
+            exported, new_of, lifted = _functional(_Forward(model, names, aliases, spec,
+                                                            {n: params[n].shape for n in sparse}), args)
     finally:
         model.train(training)
     assert not new_of, "an eval-mode forward writes no input"
     keys = [f"param/{n}" for n in params] + [f"buffer/{n}" for n in buffers] + [f"index/{n}" for n in sparse]
-    keys += [f"input/{i}" for i in range(len(leaves))]
+    keys += [f"input/{i}" for i in range(len(leaves))] + [f"constant/forward/{i}" for i in range(len(lifted))]
     n_out = len(exported.graph.output_node().args[0])
-    return Program("forward", exported, keys, [f"output/{i}" for i in range(n_out)], args, treespec_dumps(out_spec))
+    return Program("forward", exported, keys, [f"output/{i}" for i in range(n_out)], args + lifted,
+                   treespec_dumps(out_spec),
+                   tuple(isinstance(leaf, torch.Tensor) for leaf in leaves_out))
 
 
 # ---- host serialization: JSON only --------------------------------------------------------------------
