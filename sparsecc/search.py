@@ -141,8 +141,7 @@ class MemoryModel:
         last = list(dict(model.named_parameters()))[-1]      # any scheme will do: its export is what is kept
         step = compile_train_step(copy.deepcopy(model), loss_fn, optimizer=optimizer, update=to_scheme({last: "full"}),
                                   example_inputs=example, executor="eager")
-        leaves, spec = tree_flatten(tuple(example))
-        self.joint, self.plan = step._export(leaves, spec)
+        self.joint, self.plan = step.joint_graph(*example)
         self.optimizer = optimizer
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.cache: dict[tuple, int] = {}

@@ -171,6 +171,12 @@ class TrainStep:
         self._param_names = names
         return joint, Plan(plans, n_fwd, self.optimizer)
 
+    def joint_graph(self, x, y) -> tuple[fx.GraphModule, Plan]:
+        """The exported joint forward+backward graph for batches shaped like (x, y), before the training
+        passes, and the plan they take (search_scheme re-runs the passes on copies of it per scheme)."""
+        leaves, spec = tree_flatten((x, y))
+        return self._export(leaves, spec)
+
     def portable_graph(self, x, y) -> tuple[fx.GraphModule, list[torch.Tensor]]:
         """The training-step graph for batches shaped like (x, y), with attention traced as matmul/softmax
         instead of fused CPU kernels, which exporters to other runtimes cannot lower; and the flat batch.
