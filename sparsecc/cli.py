@@ -18,17 +18,10 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, human
 from .export import ArtifactError, fetch_iree_run_module, load
 from .export import archive, layouts
 from .export.artifact import WEIGHTS, host_exported
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
 
 
 def inspect(path: str, as_json: bool = False) -> str:
@@ -46,7 +39,7 @@ def inspect(path: str, as_json: bool = False) -> str:
              f"targets: {', '.join(manifest.get('targets', []))}; trained for {int(tensors.get('step', torch.zeros(())))} "
              f"steps; optimizer {opt.get('type')}(" + ", ".join(f"{k}={v}" for k, v in opt.items() if k != "type") + ")",
              "", "files:"]
-    lines += [f"  {name:<40} {_size(e['bytes']):>10}  sha256 {e['sha256'][:16]}…" for name, e in manifest["files"].items()]
+    lines += [f"  {name:<40} {human(e['bytes']):>10}  sha256 {e['sha256'][:16]}…" for name, e in manifest["files"].items()]
     for fn in ("train_step", "forward"):
         sig = manifest["functions"][fn]
         batch = [f"{s['dtype']}{s['shape']}" for s in sig["inputs"] if s["key"].startswith("input/")]
@@ -59,13 +52,13 @@ def inspect(path: str, as_json: bool = False) -> str:
         else:
             keys = [k for k in tensors if k in (f"param/{p['name']}", f"index/{p['name']}")
                     or k.startswith(f"state/{p['name']}/")]
-            stored = _size(sum(tensors[k].numel() * tensors[k].element_size() for k in keys))
+            stored = human(sum(tensors[k].numel() * tensors[k].element_size() for k in keys))
             update = p["update"] + (f" {p['trained_shape']}" if p["trained_shape"] not in (None, p["shape"]) else "")
         lines.append(f"  {p['name']:<34} {str(p['shape']):<14} {p['dtype']:<8} {p['layout']:<13} {update:<46} {stored:>9}")
     dense = sum(torch.Size(p["shape"]).numel() * 4 for p in manifest["parameters"] if not p["tied_to"])
     sparse = [p for p in manifest["parameters"] if p["layout"] != layouts.DENSE]
-    lines.append(f"\n{len(sparse)} sparse weights; weights file {_size(manifest['files'][WEIGHTS]['bytes'])} "
-                 f"(parameters dense in fp32 would be {_size(dense)} before optimizer state)")
+    lines.append(f"\n{len(sparse)} sparse weights; weights file {human(manifest['files'][WEIGHTS]['bytes'])} "
+                 f"(parameters dense in fp32 would be {human(dense)} before optimizer state)")
     return "\n".join(lines)
 
 

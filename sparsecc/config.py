@@ -25,6 +25,14 @@ def closest(word: str, candidates, n: int = 3) -> str:
     return f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
 
 
+def human(n: int) -> str:
+    """A byte count for people: B, KB, MB, GB (powers of 1000)."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class Channels:
     """Train only k = ceil(fraction * C) channels of a weight.

@@ -33,7 +33,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import memory
-from .config import Channels, ConfigError, Rule, UpdateScheme, closest, rule_name
+from .config import Channels, ConfigError, Rule, UpdateScheme, closest, human, rule_name
 from .graph import clone_graph_module
 from .optim import AdamW, SGD
 from .pipeline import TRAIN_STEP_PASSES, run_passes
@@ -61,13 +61,6 @@ def parse_budget(budget) -> int:
     if not math.isfinite(value) or value < 1:
         raise ConfigError(f"memory_budget must be at least 1 byte, got {budget!r}")
     return int(value)
-
-
-def human(n: int) -> str:
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 # ---- units and hand-written schemes ---------------------------------------------------------------------

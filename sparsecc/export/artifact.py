@@ -49,12 +49,11 @@ def _progress(msg: str) -> None:
     print(f"[sparsecc.save] {msg}", file=sys.stderr, flush=True)
 
 
-def _parameter_table(step, updates, layout: dict[str, str]) -> list[dict]:
+def _parameter_table(step, updates, layout: dict[str, str], first: dict[str, str]) -> list[dict]:
     trained = dict(updates)
-    firsts = {id(p): n for n, p in reversed(list(step.params.items()))}
     return [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "layout": layout[n],
              "update": rule_name(step.rules[n]), "trained_shape": list(trained[n]) if n in trained else None,
-             "tied_to": firsts[id(p)] if firsts[id(p)] != n else None}
+             "tied_to": first[n] if first[n] != n else None}
             for n, p in step.params.items()]
 
 
@@ -96,7 +95,8 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
                                                                             target)
     tensors = {k: v for k, v in zip(train.inputs, train.example) if not k.startswith("input/")}
     tensors[programs.STEP] = step._step.detach().clone()
-    tensors = {k: v for k, v in tensors.items() if not _is_alias(k, step)}
+    first = programs.first_names(step)
+    tensors = {k: v for k, v in tensors.items() if not (k.startswith("param/") and first[k[6:]] != k[6:])}
     tensors.update({f"index/{n}": flat for n, flat in sparse.items()})
     tensors.update({k: v for k, v in zip(forward.inputs, forward.example) if k.startswith("constant/")})
     _, x_spec = tree_flatten((x, y))
@@ -104,15 +104,10 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
         "sparsecc_version": version("sparsecc"), "torch_version": torch.__version__, "targets": targets,
         "functions": {"train_step": {**train.signature(), "batch_spec": treespec_dumps(x_spec)},
                       "forward": {**forward.signature(), "input_spec": treespec_dumps(tree_flatten(x)[1])}},
-        "parameters": _parameter_table(step, compiled.updates, layout),
+        "parameters": _parameter_table(step, compiled.updates, layout, first),
         "optimizer": {"type": type(step.optimizer).__name__, **dataclasses.asdict(step.optimizer)},
     }
     return _write(path, manifest, files, tensors)
-
-
-def _is_alias(key: str, step) -> bool:
-    name = key.removeprefix("param/")
-    return key.startswith("param/") and next(n for n, p in step.params.items() if p is step.params[name]) != name
 
 
 def _write(path, manifest: dict, files: dict[str, bytes], tensors: dict[str, torch.Tensor]) -> Path:
@@ -236,8 +231,7 @@ class Runner:
             name = self._aliases.get(p["name"], p["name"])
             value = self.tensors[f"param/{name}"]
             if p["layout"] != layouts.DENSE:
-                flat = self.tensors[f"index/{name}"]
-                value = value.new_zeros(torch.Size(p["shape"]).numel()).index_put((flat,), value).view(p["shape"])
+                value = layouts.densify(value, self.tensors[f"index/{name}"], p["shape"])
             out[p["name"]] = value
         return out
 

@@ -56,6 +56,11 @@ def compact(layout: str, flat: torch.Tensor, shape) -> torch.Tensor:
     return torch.unique_consecutive(block[torch.argsort(block, stable=True)]).to(torch.int32)
 
 
+def densify(values: torch.Tensor, flat: torch.Tensor, shape) -> torch.Tensor:
+    """The dense weight whose kept entries, at the int64 flat positions `flat`, hold `values` (zeros elsewhere)."""
+    return values.new_zeros(torch.Size(shape).numel()).index_put((flat,), values).view(shape)
+
+
 def expand(layout: str, stored: torch.Tensor, shape) -> torch.Tensor:
     """Sorted int64 flat positions of the kept entries; ValueError when `stored` cannot be such an index."""
     kind, nums = _parse(layout)

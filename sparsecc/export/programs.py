@@ -21,7 +21,8 @@ from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
 
 from ..config import ConfigError
-from ..train_step import MASK_PREFIX, call_model
+from . import layouts
+from ..train_step import MASK_PREFIX, _first_alias, call_model
 
 aten = torch.ops.aten
 LR, STEP, LOSS = "lr", "step", "loss"
@@ -220,12 +221,18 @@ class _Forward(torch.nn.Module):
         tensors = dict(zip(self.names, args))
         for name, shape in self.shapes.items():      # sparse weights: values + flat index
             values, index = tensors.pop(name), tensors.pop(f"index/{name}")
-            tensors[name] = values.new_zeros(shape.numel()).index_put((index,), values).view(shape)
+            tensors[name] = layouts.densify(values, index, shape)
         tensors.update({alias: tensors[first] for alias, first in self.aliases.items()})
         x = tree_unflatten(list(args[len(self.names):]), self.spec)
         args, kwargs = (x, None) if isinstance(x, tuple) else ((), x) if isinstance(x, dict) else ((x,), None)
         out = torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
         return tuple(leaf for leaf in tree_flatten(_plain(out))[0] if isinstance(leaf, torch.Tensor))
+
+
+def first_names(step) -> dict[str, str]:
+    """Each parameter name of step -> the first name of its tensor (itself unless the tensor is tied)."""
+    names = list(step.params)
+    return {n: names[i] for n, i in zip(names, _first_alias(names, step.params))}
 
 
 def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> Program:
@@ -234,8 +241,7 @@ def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> P
     sparse = sparse or {}
     model = step.model
     params = dict(model.named_parameters())                    # first name of each tied tensor
-    aliases = {n: next(m for m, q in params.items() if q is p)
-               for n, p in step.params.items() if n not in params}
+    aliases = {n: first for n, first in first_names(step).items() if n != first}
     buffers = dict(model.named_buffers())
     leaves, spec = tree_flatten(x)
     names = list(params) + list(buffers) + [f"index/{n}" for n in sparse]
