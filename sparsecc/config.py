@@ -5,7 +5,6 @@ the nearest valid one.
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import math
 from dataclasses import dataclass, fields
@@ -14,23 +13,7 @@ from typing import Mapping, Union
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A malformed scheme or option. Raised before anything is compiled or modified."""
-
-
-def closest(word: str, candidates, n: int = 3) -> str:
-    """' Did you mean: a, b?' for the candidates closest to word, or '' when none is close."""
-    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.4)
-    return f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
-
-
-def human(n: int) -> str:
-    """A byte count for people: B, KB, MB, GB (powers of 1000)."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+from .errors import ConfigError, closest, human  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from .config import Channels, ConfigError, Rule, UpdateScheme, closest, human, r
 from .graph import clone_graph_module
 from .optim import AdamW, SGD
 from .pipeline import TRAIN_STEP_PASSES, run_passes
-from .train_step import call_model, compile_train_step
+from .calling import call_model
+from .train_step import compile_train_step
 
 # ---- budgets --------------------------------------------------------------------------------------------
 # KB, MB, GB are powers of 1000 (as the benchmark tables print MB = 10^6 bytes); KiB, MiB, GiB powers of 1024.

@@ -19,9 +19,10 @@ from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import analysis, memory
+from .calling import Structure, call_model, flatten, model_loss
+from .capture import capture
 from .config import Channels, Config, ConfigError, rule_name
 from .graph import call, output_values, set_output_values
 from .optim import AdamW, SGD
@@ -33,42 +34,37 @@ from .report import Report, register
 MASK_PREFIX = "sparsecc_mask_"
 
 
-def call_model(model, inputs):
-    """ARCHITECTURE.md's convention: a tuple is positional arguments, a dict keywords, anything else one input."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
-
-
 class _LossModule(torch.nn.Module):
     """loss_fn(model(x), y) over a flat list of tensors, as aot_export_module wants it. A sparse weight is
     read as weight * mask (the mask a buffer of this module), so its pruned entries get zero gradient."""
 
-    def __init__(self, model, loss_fn, spec, masks: dict[str, torch.Tensor]):
+    def __init__(self, model, loss_fn, structure: Structure, masks: dict[str, torch.Tensor]):
         super().__init__()
-        self.model, self.loss_fn, self.spec = model, loss_fn, spec
+        self.model, self.loss_fn, self.structure = model, loss_fn, structure
         self.masked = {}
         for i, (name, mask) in enumerate(masks.items()):
             self.register_buffer(f"{MASK_PREFIX}{i}", mask)
             self.masked[name] = f"{MASK_PREFIX}{i}"
 
-    def forward(self, *leaves):
-        x, y = tree_unflatten(list(leaves), self.spec)
+    def forward(self, *tensors):
+        x, y = self.structure.unflatten(tensors)
         if self.masked:
             params = dict(self.model.named_parameters(remove_duplicate=False))
-            masked = {n: params[n] * getattr(self, b) for n, b in self.masked.items()}
-            args, kwargs = (x, None) if isinstance(x, tuple) else ((), x) if isinstance(x, dict) else ((x,), None)
-            out = torch.func.functional_call(self.model, masked, args, kwargs)   # tied names follow
-        else:
+            out = call_model(self.model, x, {n: params[n] * getattr(self, b) for n, b in self.masked.items()})
+        else:                                                                  # tied names follow
             out = call_model(self.model, x)
-        loss = self.loss_fn(out, y)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ConfigError(f"loss_fn must return a floating-point scalar tensor, got {shape}; "
-                              f"reduce it, e.g. with .mean()")
-        return (loss,)
+        return (model_loss(out) if self.loss_fn is None else self.loss_fn(out, y),)
+
+
+def _check_loss(captured: fx.GraphModule, loss_fn) -> None:
+    """The captured step must return one floating-point scalar: the loss."""
+    (value,) = [getattr(n, "meta", {}).get("val") for n in captured.graph.output_node().args[0]]
+    if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        what = "the model's own loss (loss_fn=None: output.loss, or output[0])" if loss_fn is None else "loss_fn"
+        fix = ("pass labels= in the inputs so that the model computes its loss, or pass a loss_fn"
+               if loss_fn is None else "reduce it, e.g. with .mean()")
+        raise ConfigError(f"{what} must be a floating-point scalar tensor, got {got}; {fix}")
 
 
 def _first_alias(names: list[str], params: dict) -> list[int]:
@@ -118,8 +114,9 @@ class TrainStep:
         self.indices = {n: r.indices(self.params[n]) for n, r in rules.items()
                         if isinstance(r, Channels) and n in self.params}
         device = next(iter(self.params.values())).device
-        self._lr = torch.tensor(float(optimizer.lr), device=device)
-        self._step = torch.tensor(0.0, device=device)
+        # float64 like the Python floats torch.optim computes its step sizes and bias corrections in
+        self._lr = torch.tensor(float(optimizer.lr), dtype=torch.float64, device=device)
+        self._step = torch.tensor(0.0, dtype=torch.float64, device=device)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self._compiled: dict[tuple, _Compiled] = {}
         self.compilations = 0
@@ -128,25 +125,24 @@ class TrainStep:
 
     # ---- compilation -------------------------------------------------------------------------------
     def _get(self, x, y) -> tuple[_Compiled, list[torch.Tensor]]:
-        leaves, spec = tree_flatten((x, y))
-        bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-        if bad:
-            raise ConfigError(f"train step inputs must be tensors (in tuples/dicts); found {bad}")
-        key = (spec, _signature(leaves))
+        leaves, structure = flatten((x, y))
+        key = (structure, _signature(leaves))
         if key not in self._compiled:
-            self._compiled[key] = self._compile(leaves, spec)
+            self._compiled[key] = self._compile(leaves, structure)
             self.compilations += 1
         self._last = self._compiled[key]
         return self._last, leaves
 
-    def _export(self, leaves, spec, decompositions=None) -> tuple[fx.GraphModule, Plan]:
-        wrapper = _LossModule(self.model, self.loss_fn, spec, self.masks)
+    def _export(self, leaves, structure: Structure, decompositions=None) -> tuple[fx.GraphModule, Plan]:
+        wrapper = _LossModule(self.model, self.loss_fn, structure, self.masks)
         saved = {p: p.requires_grad for p in self.params.values()}
         try:
             for p in self.params.values():
                 p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
             with torch.enable_grad():      # a recompile can start inside the no_grad step
-                joint, sig = aot_export_module(wrapper, leaves, trace_joint=True, output_loss_index=0,
+                captured = capture(wrapper, leaves)
+                _check_loss(captured, self.loss_fn)
+                joint, sig = aot_export_module(captured, leaves, trace_joint=True, output_loss_index=0,
                                                decompositions=decompositions or select_decomp_table())
         finally:
             for p, flag in saved.items():
@@ -174,8 +170,7 @@ class TrainStep:
     def joint_graph(self, x, y) -> tuple[fx.GraphModule, Plan]:
         """The exported joint forward+backward graph for batches shaped like (x, y), before the training
         passes, and the plan they take (search_scheme re-runs the passes on copies of it per scheme)."""
-        leaves, spec = tree_flatten((x, y))
-        return self._export(leaves, spec)
+        return self._export(*flatten((x, y)))
 
     def portable_graph(self, x, y) -> tuple[fx.GraphModule, list[torch.Tensor]]:
         """The training-step graph for batches shaped like (x, y), with attention traced as matmul/softmax
@@ -183,12 +178,12 @@ class TrainStep:
         It takes the same inputs as the compiled step (see _inputs)."""
         _, leaves = self._get(x, y)                # compiles (and creates the optimizer state) if needed
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
-            joint, plan = self._export(leaves, tree_flatten((x, y))[1], core_aten_decompositions())
+            joint, plan = self._export(leaves, flatten((x, y))[1], core_aten_decompositions())
         run_passes(joint, plan, TRAIN_STEP_PASSES)
         return joint, leaves
 
-    def _compile(self, leaves, spec) -> _Compiled:
-        joint, plan = self._export(leaves, spec)
+    def _compile(self, leaves, structure: Structure) -> _Compiled:
+        joint, plan = self._export(leaves, structure)
         before = analysis.split_flops(joint, plan.num_fwd_outputs)
         results, graphs = run_passes(joint, plan, TRAIN_STEP_PASSES)
         updates = joint.meta["sparsecc_updates"]
@@ -227,7 +222,7 @@ class TrainStep:
         return args
 
     @torch.no_grad()
-    def __call__(self, x, y) -> torch.Tensor:
+    def __call__(self, x, y=None) -> torch.Tensor:
         compiled, leaves = self._get(x, y)
         self._step += 1
         outs = compiled.fn(*self._inputs(leaves, compiled.updates))
@@ -251,7 +246,7 @@ class TrainStep:
         type(self.optimizer)(**{**self.optimizer.__dict__, "lr": lr})   # validates
         self._lr.fill_(float(lr))
 
-    def measure_memory(self, x, y) -> int:
+    def measure_memory(self, x, y=None) -> int:
         """Run one real training step and return its measured peak bytes above what was live before;
         also recorded in the report as stats['peak_bytes_measured']."""
         peak = memory.measure_peak(lambda: self(x, y))
@@ -296,12 +291,21 @@ class TrainStep:
 def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs, executor="inductor") -> TrainStep:
     """Compile forward + loss + backward + optimizer update of model into one step.
 
-    loss_fn(model_output, y) must return a scalar tensor. example_inputs is (x, y); x is a tensor, a
-    tuple of positional inputs or a dict of keyword inputs."""
+    loss_fn(model_output, y) must return a scalar tensor; loss_fn=None takes the loss the model computes
+    itself (a `transformers` model given `labels=`: output.loss). example_inputs is (x, y), or (x,) for a
+    step called as step(x); x is a tensor, a tuple of positional inputs or a dict of keyword inputs."""
     if not isinstance(optimizer, (SGD, AdamW)):
-        raise ConfigError(f"optimizer must be sparsecc.SGD or sparsecc.AdamW, got {type(optimizer).__name__}")
-    if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
-        raise ConfigError("example_inputs must be a pair (x, y): the model's input(s) and the loss target")
+        cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+        name = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.optim") else cls.__name__
+        raise ConfigError(f"optimizer must be sparsecc.SGD or sparsecc.AdamW (the update is compiled into the "
+                          f"step), got {name}; e.g. optimizer=sparsecc.AdamW(lr=1e-3)")
+    if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) in (1, 2)):
+        raise ConfigError("example_inputs must be (x, y), the model's input(s) and the loss target, or (x,) "
+                          "when there is no target (loss_fn=None: the model computes its own loss)")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a function (model output, y) -> scalar tensor, or None for the "
+                          f"model's own loss; got {type(loss_fn).__name__}")
     config = Config(update=update, executor=executor)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
-    return TrainStep(model, loss_fn, optimizer, config, rules, tuple(example_inputs))
+    x, y = (*example_inputs, None)[:2]
+    return TrainStep(model, loss_fn, optimizer, config, rules, (x, y))

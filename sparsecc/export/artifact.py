@@ -21,8 +21,8 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
-
+from torch.utils._pytree import tree_unflatten, treespec_loads
+from ..calling import flatten
 from ..config import ConfigError, closest, rule_name
 from . import archive, iree, layouts, programs
 from .archive import ArtifactError
@@ -67,16 +67,17 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
     from ..train_step import TrainStep, compile_train_step
     targets = _check_targets(targets)
     if isinstance(step, torch.nn.Module):
-        if loss_fn is None or optimizer is None or example_inputs is None:
-            raise ConfigError(f"saving a model ({type(step).__name__}) needs loss_fn=, optimizer= and example_inputs= "
-                              f"(and update= for a sparse-update scheme) to build its training step; or pass a "
-                              f"TrainStep from sparsecc.compile_train_step")
+        if optimizer is None or example_inputs is None:
+            raise ConfigError(f"saving a model ({type(step).__name__}) needs optimizer=, example_inputs= and loss_fn= "
+                              f"(None for a model that computes its own loss from labels=; and update= for a "
+                              f"sparse-update scheme) to build its training step; or pass a TrainStep from "
+                              f"sparsecc.compile_train_step")
         step = compile_train_step(getattr(step, "_orig_mod", step), loss_fn, optimizer=optimizer, update=update,
                                   example_inputs=example_inputs)
     elif not isinstance(step, TrainStep):
         raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step or a model, "
                           f"got {type(step).__name__}")
-    x, y = step.example_inputs if example_inputs is None else example_inputs
+    x, y = (*(step.example_inputs if example_inputs is None else example_inputs), None)[:2]
     patterns = getattr(step.model, "sparsecc_patterns", {})
     layout = {n: layouts.name(patterns.get(n)) for n in step.params}
     sparse = {n: m.reshape(-1).nonzero().reshape(-1) for n, m in step.masks.items()}
@@ -93,17 +94,19 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
                 _progress(f"compiling {prog.name} for {target} (torch-mlir → iree-compile)")
                 files[_program_file(target, prog.name)] = iree.compile_vmfb(iree.to_mlir(prog.exported, prog.name),
                                                                             target)
-    tensors = {k: v for k, v in zip(train.inputs, train.example) if not k.startswith("input/")}
+    tensors = {k: v for prog in (train, forward) for k, v in zip(prog.inputs, prog.example)
+               if not k.startswith("input/")}    # each program reads only what its graph uses
     tensors[programs.STEP] = step._step.detach().clone()
     first = programs.first_names(step)
     tensors = {k: v for k, v in tensors.items() if not (k.startswith("param/") and first[k[6:]] != k[6:])}
     tensors.update({f"index/{n}": flat for n, flat in sparse.items()})
-    tensors.update({k: v for k, v in zip(forward.inputs, forward.example) if k.startswith("constant/")})
-    _, x_spec = tree_flatten((x, y))
+    batch, inputs = flatten((x, y))[1], flatten(x)[1]
     manifest = {
         "sparsecc_version": version("sparsecc"), "torch_version": torch.__version__, "targets": targets,
-        "functions": {"train_step": {**train.signature(), "batch_spec": treespec_dumps(x_spec)},
-                      "forward": {**forward.signature(), "input_spec": treespec_dumps(tree_flatten(x)[1])}},
+        "functions": {"train_step": {**train.signature(), "batch_spec": batch.dumps(),
+                                     "batch_constants": batch.constants_json()},
+                      "forward": {**forward.signature(), "input_spec": inputs.dumps(),
+                                  "input_constants": inputs.constants_json()}},
         "parameters": _parameter_table(step, compiled.updates, layout, first),
         "optimizer": {"type": type(step.optimizer).__name__, **dataclasses.asdict(step.optimizer)},
     }
@@ -189,19 +192,24 @@ class Runner:
                                   f"compiled for {s['dtype']} {s['shape']}; programs have static shapes")
         return args
 
-    def _leaves(self, function: str, value, spec_key: str) -> list:
-        leaves, spec = tree_flatten(value)
-        want = self.manifest["functions"][function][spec_key]
-        if treespec_dumps(spec) != want:
-            raise ConfigError(f"{function} got inputs structured as {spec}, the artifact expects {treespec_loads(want)}")
+    def _leaves(self, function: str, value, spec_key: str) -> list[torch.Tensor]:
+        """The tensors of value, checked to have the structure (and constant leaves) the program was saved for."""
+        leaves, structure = flatten(value)
+        sig = self.manifest["functions"][function]
+        want, constants = sig[spec_key], sig.get(spec_key.replace("_spec", "_constants"), [])
+        if structure.dumps() != want:
+            raise ConfigError(f"{function} got inputs structured as {structure.spec}, the artifact expects "
+                              f"{treespec_loads(want)}")
+        if structure.constants_json() != constants:
+            raise ConfigError(f"{function} got the non-tensor inputs {structure.constants_json()} ([leaf, value]), "
+                              f"the artifact was saved for {constants}")
         return leaves
 
     @torch.no_grad()
-    def train_step(self, x, y) -> torch.Tensor:
-        leaves = self._leaves("train_step", (x, y), "batch_spec")
-        step = self.tensors[programs.STEP]
-        step += 1
-        outs = self._run["train_step"](self._args("train_step", leaves))
+    def train_step(self, x, y=None) -> torch.Tensor:
+        args = self._args("train_step", self._leaves("train_step", (x, y), "batch_spec"))  # checked first:
+        self.tensors[programs.STEP] += 1                       # a rejected batch must not advance the step
+        outs = self._run["train_step"](args)
         loss = None
         for s, value in zip(self.manifest["functions"]["train_step"]["outputs"], outs):
             if s["key"] == programs.LOSS:

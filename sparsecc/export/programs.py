@@ -18,11 +18,12 @@ import torch
 import torch.fx as fx
 from torch._export.serde import serialize as serde
 from torch.export.graph_signature import InputKind
-from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
+from torch.utils._pytree import tree_flatten, treespec_dumps
 
 from ..config import ConfigError
 from . import layouts
-from ..train_step import MASK_PREFIX, _first_alias, call_model
+from ..calling import Structure, call_model, flatten
+from ..train_step import MASK_PREFIX, _first_alias
 
 aten = torch.ops.aten
 LR, STEP, LOSS = "lr", "step", "loss"
@@ -212,10 +213,10 @@ def _plain(out):
 
 
 class _Forward(torch.nn.Module):
-    def __init__(self, model, names, aliases, spec, shapes):
+    def __init__(self, model, names, aliases, structure: Structure, shapes):
         super().__init__()
         self.__dict__["model"] = model    # not a submodule: its tensors are this program's inputs, not its own
-        self.names, self.aliases, self.spec, self.shapes = names, aliases, spec, shapes
+        self.names, self.aliases, self.structure, self.shapes = names, aliases, structure, shapes
 
     def forward(self, *args):
         tensors = dict(zip(self.names, args))
@@ -223,9 +224,8 @@ class _Forward(torch.nn.Module):
             values, index = tensors.pop(name), tensors.pop(f"index/{name}")
             tensors[name] = layouts.densify(values, index, shape)
         tensors.update({alias: tensors[first] for alias, first in self.aliases.items()})
-        x = tree_unflatten(list(args[len(self.names):]), self.spec)
-        args, kwargs = (x, None) if isinstance(x, tuple) else ((), x) if isinstance(x, dict) else ((x,), None)
-        out = torch.func.functional_call(self.model, tensors, args, kwargs, tie_weights=False, strict=False)
+        x = self.structure.unflatten(args[len(self.names):])
+        out = call_model(self.model, x, tensors, tie_weights=False, strict=False)
         return tuple(leaf for leaf in tree_flatten(_plain(out))[0] if isinstance(leaf, torch.Tensor))
 
 
@@ -243,7 +243,7 @@ def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> P
     params = dict(model.named_parameters())                    # first name of each tied tensor
     aliases = {n: first for n, first in first_names(step).items() if n != first}
     buffers = dict(model.named_buffers())
-    leaves, spec = tree_flatten(x)
+    leaves, structure = flatten(x)
     names = list(params) + list(buffers) + [f"index/{n}" for n in sparse]
     tensors = [p.detach().reshape(-1)[sparse[n]] if n in sparse else p.detach() for n, p in params.items()]
     args = [t.clone() for t in [*tensors, *buffers.values(), *sparse.values(), *leaves]]
@@ -252,7 +252,7 @@ def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> P
     try:
         with torch.no_grad():
             leaves_out, out_spec = tree_flatten(_plain(call_model(model, x)))
-            exported, new_of, lifted = _functional(_Forward(model, names, aliases, spec,
+            exported, new_of, lifted = _functional(_Forward(model, names, aliases, structure,
                                                             {n: params[n].shape for n in sparse}), args)
     finally:
         model.train(training)

@@ -8,6 +8,8 @@ seed restored. Kept only if the liveness model's peak does not rise.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.fx as fx
 from functorch.compile import min_cut_rematerialization_partition
@@ -19,9 +21,12 @@ from . import PassResult, Plan
 aten = torch.ops.aten
 
 
-def _backward_seed(gm: fx.GraphModule) -> fx.Node | None:
-    """The constant 1 that export's joint graph starts the backward from (d loss / d loss)."""
-    return next((n for n in gm.graph.nodes if n.target is aten.full.default and n.args[:2] == ([], 1)), None)
+def _backward_seed(gm: fx.GraphModule, num_fwd_outputs: int) -> fx.Node | None:
+    """The constant 1 that export's joint graph starts the backward from (d loss / d loss): the first scalar
+    full(1) after the loss (a model's own loss code may create such constants too)."""
+    loss = output_values(gm)[num_fwd_outputs - 1]
+    after = itertools.dropwhile(lambda n: n is not loss, gm.graph.nodes)
+    return next((n for n in after if n.target is aten.full.default and n.args[:2] == ([], 1)), None)
 
 
 def _stitch(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, seed: fx.Node, num_fwd: int) -> fx.Graph:
@@ -54,13 +59,13 @@ def _copy(graph: fx.Graph, part: fx.GraphModule, env: dict[str, fx.Node]) -> lis
 
 def rematerialize(gm: fx.GraphModule, plan: Plan) -> PassResult:
     result = PassResult("rematerialize")
-    seed = _backward_seed(gm)
+    seed = _backward_seed(gm, plan.num_fwd_outputs)
     if seed is None:
         result.notes.append("no backward seed found; graph left as it was")
         return result
     before = liveness(gm).peak
     joint = clone_graph_module(gm)
-    joint_seed = _backward_seed(joint)
+    joint_seed = _backward_seed(joint, plan.num_fwd_outputs)
     last = joint.graph.find_nodes(op="placeholder")[-1]
     with joint.graph.inserting_after(last):
         tangent = joint.graph.placeholder("tangents_1")
