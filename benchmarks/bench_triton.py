@@ -7,17 +7,23 @@ Per kernel: median time, TFLOP/s of the useful (nonzero) work, and speedups over
   csr       torch.sparse CSR (cuSPARSE: CSR @ dense, sampled_addmm), for unstructured weights
   2:4       torch.sparse's semi-structured 2:4 tensor (sparse tensor cores) for the 2:4 forward, where the GPU
             and the shape support it
-The Channels weight gradient is compared with a gathered slice fed to torch.mm; the fused optimizer updates with
+Block-sparse kernels are autotuned at their first call per shape class (a few configurations timed once, cached in
+$SPARSECC_CACHE_DIR/triton/tuning-*.json); the warm-up steps include that. The N:M section also times sparsecc's 2:4
+sparse-tensor-core path (forward; input gradient of a transposable 2:4 weight), which compresses W at every call.
+The Channels weight gradient is compared with a gathered slice fed to torch.mm, as the generated kernel and as the
+sparsecc op graphs call (the kernel or slice + cuBLAS, whichever the cost model measured faster); the fused
+optimizer updates with
 torch.optim's foreach update of the gathered rows (index_select, update, index_copy_), in GB/s of parameter, grad
 and state traffic. Without a GPU it says so and exits 0: the kernels' correctness is tested in the interpreter
 (tests/test_triton_kernels.py), not here.
 
-Each section runs in bf16, then fp16 (bf16 only with --quick).
+Each section runs in bf16, then fp16 (bf16 only with --quick; SPARSECC_BENCH_DTYPES=bfloat16,float16 chooses).
 
 usage: python benchmarks/bench_triton.py [--rounds 20] [--quick] [--only blocks|csr|nm|channels|optim]
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from functools import partial
@@ -119,7 +125,7 @@ def nm_section(T, size, tokens, dtype, rounds):
     print(f"\nN:M W {size}x{size}, {tokens} tokens, {dtype}; speedups: dense (cuBLAS), 2:4 (semi-structured)")
     for n, m in ((2, 4), (1, 4), (2, 8)):
         w = torch.randn(size, size, device="cuda", dtype=dtype)
-        mask = NM(n, m).mask(w.float())
+        mask = NM(n, m, transposable=(n, m) == (2, 4)).mask(w.float())     # 2:4: W^T is 2:4 too
         w = w * mask
         i = to_csr(mask)
         k = size * n // m
@@ -133,6 +139,19 @@ def nm_section(T, size, tokens, dtype, rounds):
             "sparsecc": lambda: T.nm_mm_t(g, values2d, col2d, size, m=m), "dense": lambda: g @ w}), rounds))
         row(f"weight grad {n}:{m}", flops, interleaved_medians(synced({
             "sparsecc": lambda: T.nm_sddmm(g, x, col2d, m=m), "dense": lambda: g.t() @ x}), rounds))
+        if (n, m) == (2, 4):               # sparsecc's sparse-tensor-core path (compresses W at every call)
+            from sparsecc.ops import semi_structured
+            usable, why = semi_structured.available(x.device, dtype)
+            if not usable:
+                print(f"  (2:4 sparse tensor cores not measured: {why})")
+                continue
+            semi_t = available("2:4", lambda: partial(F.linear, g, to_sparse_semi_structured(w.t().contiguous())))
+            row("forward 2:4 tensor cores", flops, interleaved_medians(synced({
+                "sparsecc": lambda: semi_structured.mm(x, values2d, col2d, size), "dense": lambda: x @ w.t(),
+                "N:M kernel": lambda: T.nm_mm(x, values2d, col2d, size, m=m), **semi}), rounds))
+            row("input grad 2:4T tensor cores", flops, interleaved_medians(synced({
+                "sparsecc": lambda: semi_structured.mm_t(g, values2d, col2d, size), "dense": lambda: g @ w,
+                "N:M kernel": lambda: T.nm_mm_t(g, values2d, col2d, size, m=m), **semi_t}), rounds))
 
 
 def channels_section(T, size, tokens, dtype, rounds):
@@ -150,6 +169,13 @@ def channels_section(T, size, tokens, dtype, rounds):
         row(f"dim=out index of {k}", flops, interleaved_medians(synced({
             "sparsecc": lambda: T.channels_weight_grad(g, x, idx, "out"),
             "slice+mm": lambda: g[:, idx].t() @ x}), rounds))
+        op = torch.ops.sparsecc.channels_weight_grad       # what graphs call: the kernel or slice + cuBLAS, measured
+        for label, args in ((f"op dim=in first {k}", (None, k, "in")), (f"op dim=in index of {k}", (idx, k, "in")),
+                            (f"op dim=out index of {k}", (idx, k, "out"))):
+            sliced = (lambda a=args: g.t() @ (x[:, :k] if a[0] is None else x[:, idx])) if args[2] == "in" else \
+                (lambda: g[:, idx].t() @ x)
+            row(label, flops, interleaved_medians(synced({"sparsecc": lambda a=args: op(g, x, *a),
+                                                          "slice+mm": sliced}), rounds))
 
 
 def optim_section(T, size, dtype, rounds):
@@ -193,7 +219,10 @@ def main():
         return 0
     size, tokens = (512, 256) if args.quick else (4096, 4096)
     print(f"device {torch.cuda.get_device_name()}, sparsecc target {T.target_of(torch.device('cuda'))}")
-    for dtype in (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16):
+    dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16)
+    if os.environ.get("SPARSECC_BENCH_DTYPES"):          # e.g. "bfloat16" (scripts/gpu_check.py's time budget)
+        dtypes = tuple(getattr(torch, name) for name in os.environ["SPARSECC_BENCH_DTYPES"].split(","))
+    for dtype in dtypes:
         sections = {"blocks": lambda: block_section(T, size, tokens, dtype, args.rounds),
                     "csr": lambda: csr_section(T, size, tokens, dtype, args.rounds),
                     "nm": lambda: nm_section(T, size, tokens, dtype, args.rounds),

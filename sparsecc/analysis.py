@@ -8,12 +8,39 @@ from torch.utils.flop_counter import flop_registry
 from .graph import backward_nodes, nbytes, output_values, val
 
 
-def graph_flops(gm: fx.GraphModule, only=None) -> int:
+_SPARSE_MM = {"block_sparse_mm", "block_sparse_mm_t", "csr_mm", "csr_mm_t", "nm_mm", "nm_mm_t"}   # [T, a] -> [T, b]
+_SPARSE_SDDMM = {"block_sddmm", "csr_sddmm", "nm_sddmm"}      # g [T, out], x [T, in] -> values at stored entries
+
+
+def dense_equivalent_flops(node: fx.Node) -> int | None:
+    """For a sparsecc:: sparse GEMM, the FLOPs of the dense GEMM it stands for (the weight as a full matrix);
+    None for any other node."""
+    parts = str(node.target).split(".")
+    if node.op != "call_function" or len(parts) < 2 or parts[0] != "sparsecc":
+        return None
+    if parts[1] in _SPARSE_MM:
+        first, out = val(node.args[0]), node.meta.get("val")
+        return 2 * _hint(first.numel()) * _hint(out.shape[-1])
+    if parts[1] in _SPARSE_SDDMM:
+        g, x = val(node.args[0]), val(node.args[1])
+        return 2 * _hint(g.numel()) * _hint(x.shape[-1])
+    return None
+
+
+def _hint(v) -> int:
+    return int(v) if isinstance(v, int) else int(getattr(v.node, "hint", 0) or 0)
+
+
+def graph_flops(gm: fx.GraphModule, only=None, dense: bool = False) -> int:
     """FLOPs of the matmuls, convolutions and attention kernels in the graph (what flop_counter counts),
-    or in the nodes of `only`."""
+    or in the nodes of `only`. dense=True counts each sparsecc:: sparse GEMM as the dense GEMM it replaces
+    (what training without sparse weights would cost)."""
     total = 0
     for node in gm.graph.nodes if only is None else only:
         if node.op != "call_function" or not hasattr(node.target, "overloadpacket"):
+            continue
+        if dense and (flops := dense_equivalent_flops(node)) is not None:
+            total += flops
             continue
         formula = flop_registry.get(node.target.overloadpacket)
         if formula is not None:

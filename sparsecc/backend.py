@@ -3,21 +3,37 @@ the min-cut partitioner splits it, and Inductor (or plain FX) runs the halves.""
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 
 import torch
 import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-from torch._dynamo.backends.common import aot_autograd
-from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from . import analysis
+from . import analysis, cost_model, progress
+from ._torch import CustomPartitionerFn, aot_autograd, compile_fx, functorch_config, select_decomp_table
 from .config import Channels, Config, rule_name
 from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
 from .passes import ParamPlan, Plan
 from .passes.sparsify import Rewrite, sparsify
 from .pipeline import readable, run_passes, totals
 from .report import Report, register
+
+
+class _QuietFakeTensorMetaFailure(logging.Filter):
+    """PyTorch's fake tensors log a full traceback at ERROR level ("failed while attempting to run meta for
+    aten.mm.default", ~20 lines) whenever an op's shape check fails while Dynamo traces, and then re-raise the
+    same error, which Dynamo reports with the op and the shapes. So a model called with an input of the wrong
+    size prints the traceback twice; the first copy comes from PyTorch before any sparsecc code runs. Exactly
+    that record is dropped (the error itself still propagates unchanged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "failed while attempting to run meta for %s"
+
+
+if not any(isinstance(f, _QuietFakeTensorMetaFailure) for f in logging.getLogger("torch._subclasses.fake_tensor").filters):
+    logging.getLogger("torch._subclasses.fake_tensor").addFilter(_QuietFakeTensorMetaFailure())
+
 
 class UnsupportedGraphError(RuntimeError):
     """The captured graph does not have the shape sparsecc relies on; nothing was compiled."""
@@ -64,7 +80,10 @@ class SparseccPartitioner(CustomPartitionerFn):
         report.graphs.update({"forward/before": readable(fw0), "backward/before": readable(bw0),
                               "forward/after": readable(fw), "backward/after": readable(bw)})
         report.stats = {
-            "backward_flops_before": analysis.graph_flops(bw0), "backward_flops_after": analysis.graph_flops(bw),
+            # "before" is plain autograd training every parameter with dense weights: a sparse weight's GEMMs
+            # count as the dense GEMMs they replace, so the headline includes what the sparse ops save
+            "backward_flops_before": analysis.graph_flops(bw0, dense=True), "backward_flops_after": analysis.graph_flops(bw),
+            "forward_flops_before": analysis.graph_flops(fw0, dense=True), "forward_flops_after": analysis.graph_flops(fw),
             "saved_bytes_before": analysis.saved_bytes(fw0, n_out), "saved_bytes_after": analysis.saved_bytes(fw, n_out),
             "backward_nodes_before": len(bw0.graph.nodes), "backward_nodes_after": len(bw.graph.nodes),
             **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "sparse_ops", "sparse_refused",
@@ -90,18 +109,24 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
         params = {name: p for name, p in found.values()}
     rules = config.scheme.resolve(params, complete=complete)
     before, gm = readable(gm), dynamo_copy(gm)    # Dynamo reads its own graph again after we return
-    rewrite = sparsify(gm, list(example_inputs), {i: (n, p) for i, (n, p) in found.items()},
-                       root if complete else None, config)
+    # the cost model measures on the parameters' device (their N:M patterns tell it which kernels those run)
+    device = next((p.device for _, p in found.values()), None)
+    with cost_model.compiling(device, cost_model.nm_patterns(getattr(root, "sparsecc_patterns", {}), params)):
+        rewrite = sparsify(gm, list(example_inputs), {i: (n, p) for i, (n, p) in found.items()},
+                           root if complete else None, config)
     if rewrite.extra_inputs:
         rewrite.graphs = {"dynamo/input": before, "dynamo/after sparsify": readable(gm)}
     inputs = list(example_inputs) + rewrite.extra_inputs
     partitioner = SparseccPartitioner({i: (n, p, rules[n]) for i, (n, p) in found.items()}, len(inputs), rewrite)
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    what = "Inductor: usually 10-90 s" if config.executor == "inductor" else "eager executor"
+    name = type(root).__name__ if root is not None else "graph"
+    # the backward is compiled now, not at the first .backward() (AOTAutograd's default): the whole wait happens
+    # here, under one progress line, and a backward that cannot compile fails at the call that compiled it
+    with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True), \
+            progress.waiting(f"compiling {name} for training ({what}, once per input shape)"):
         if config.executor == "inductor":
-            from torch._inductor.compile_fx import compile_fx
             compiled = compile_fx(gm, inputs, config_patches={"custom_partitioner_fn": partitioner})
         else:
-            from torch._inductor.decomposition import select_decomp_table
             compiled = aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed, partition_fn=partitioner,
                                     decompositions=select_decomp_table(),
                                     keep_inference_input_mutations=True)(gm, inputs)

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten, treespec_dumps
+from torch.utils._pytree import (TreeSpec, keystr, tree_flatten, tree_flatten_with_path, tree_unflatten,
+                                 treespec_dumps)
 
 from .errors import ConfigError
 
@@ -59,6 +60,15 @@ class Structure:
 
     def constants_json(self) -> list:
         return [[i, v] for i, v in self.constants]
+
+
+def leaf_names(batch) -> list[str]:
+    """A name per tensor leaf of a batch (x, y), in flatten's order: "x", "x[1]", "x['input_ids']", "y"."""
+    names = []
+    for path, leaf in tree_flatten_with_path(batch)[0]:
+        if isinstance(leaf, torch.Tensor):
+            names.append("xy"[path[0].idx] + keystr(path[1:]))
+    return names
 
 
 def flatten(value) -> tuple[list[torch.Tensor], Structure]:

@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from ._torch import Unsupported, UserError
 from .config import ConfigError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -45,7 +46,7 @@ def capture(module: torch.nn.Module, leaves: list[torch.Tensor]) -> fx.GraphModu
             # into a module-level collector); they do not reach the graph, which is all we take from it.
             warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
             exported = torch.export.export(module, tuple(leaves), strict=True)
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError,
+    except (Unsupported, UserError,
             torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode) as e:
         where = _user_frame(e)
         raise ConfigError(
@@ -53,4 +54,19 @@ def capture(module: torch.nn.Module, leaves: list[torch.Tensor]) -> fx.GraphModu
             f"{' at ' + where if where else ''}: {_reason(e)}. Make that code traceable (torch.where or "
             f"torch.cond instead of a data-dependent `if`, no .item(), print or .tolist() in the forward), or "
             f"train with torch.compile(model, backend='sparsecc'), which allows graph breaks") from e
-    return exported.module()
+    return _constants_as_buffers(exported.module())
+
+
+def _constants_as_buffers(gm: fx.GraphModule) -> fx.GraphModule:
+    """Tensors the forward reads that are neither parameters nor buffers (a class-weight tensor a loss
+    function closes over, a tensor attribute of a module) become buffers, so the joint trace takes every
+    tensor as an input."""
+    buffers = dict(gm.named_buffers())
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner, _, attr = node.target.rpartition(".")
+        module = gm.get_submodule(owner)
+        value = getattr(module, attr)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and node.target not in buffers:
+            delattr(module, attr)
+            module.register_buffer(attr, value)
+    return gm

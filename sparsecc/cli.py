@@ -10,18 +10,61 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
-from pathlib import Path
 
-import numpy as np
-import safetensors.torch
-import torch
+from . import progress
+from .errors import ConfigError, human
+from .export import archive
+from .export.archive import ArtifactError
 
-from .config import ConfigError, human
-from .export import ArtifactError, fetch_iree_run_module, load
-from .export import archive, layouts
-from .export.artifact import WEIGHTS, host_exported
+# torch, numpy and the rest of sparsecc.export are imported inside the commands that need them, so that
+# `sparsecc --help` and `sparsecc inspect` start in well under a second (importing torch and its compiler
+# stack takes 5-10 s); tests/test_cli.py checks that neither imports torch.
+WEIGHTS = "weights.safetensors"     # = sparsecc.export.artifact.WEIGHTS (tests/test_cli.py checks they agree)
+DENSE = "dense"                     # = sparsecc.export.layouts.DENSE
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+           "U8": "u1", "BOOL": "?"}
+
+
+def _safetensors_table(path, blob: bytes) -> tuple[dict, bytes]:
+    """(header, data) of a safetensors file, read without torch: header maps each tensor's name to its dtype,
+    shape and byte range in data. ArtifactError when the file is not valid safetensors."""
+    def bad(why):
+        return ArtifactError(f"{path}: {WEIGHTS} is not a valid safetensors file ({why})")
+    if len(blob) < 8:
+        raise bad("shorter than its 8-byte header length")
+    n = int.from_bytes(blob[:8], "little")
+    if n > len(blob) - 8:
+        raise bad(f"header of {n} bytes in a file of {len(blob)}")
+    try:
+        header = json.loads(blob[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = blob[8 + n:]
+    for name, entry in header.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
+        offsets = entry.get("data_offsets") if ok else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= len(data)):
+            raise bad(f"entry {name!r} is malformed or points outside the file")
+    return header, data
+
+
+def _scalar(entry: dict, data: bytes) -> float:
+    import numpy as np
+    start, end = entry["data_offsets"]
+    return np.frombuffer(data[start:end], dtype=_DTYPES[entry["dtype"]]).reshape(-1)[0].item()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def inspect(path: str, as_json: bool = False) -> str:
@@ -29,14 +72,12 @@ def inspect(path: str, as_json: bool = False) -> str:
     manifest, files = archive.read(path)
     if as_json:
         return json.dumps(manifest, indent=1, sort_keys=True)
-    try:
-        tensors = safetensors.torch.load(files[WEIGHTS])
-    except Exception as e:   # noqa: BLE001 (safetensors raises several kinds for a bad header)
-        raise ArtifactError(f"{path}: {WEIGHTS} is not a valid safetensors file ({e})") from None
+    tensors, data = _safetensors_table(path, files[WEIGHTS])
+    step = int(_scalar(tensors["step"], data)) if "step" in tensors and tensors["step"]["dtype"] in _DTYPES else 0
     opt = manifest.get("optimizer", {})
     lines = [f"{path}: sparsecc artifact v{manifest['format_version']} (sparsecc {manifest.get('sparsecc_version')}, "
              f"torch {manifest.get('torch_version')})",
-             f"targets: {', '.join(manifest.get('targets', []))}; trained for {int(tensors.get('step', torch.zeros(())))} "
+             f"targets: {', '.join(manifest.get('targets', []))}; trained for {step} "
              f"steps; optimizer {opt.get('type')}(" + ", ".join(f"{k}={v}" for k, v in opt.items() if k != "type") + ")",
              "", "files:"]
     lines += [f"  {name:<40} {human(e['bytes']):>10}  sha256 {e['sha256'][:16]}…" for name, e in manifest["files"].items()]
@@ -52,11 +93,11 @@ def inspect(path: str, as_json: bool = False) -> str:
         else:
             keys = [k for k in tensors if k in (f"param/{p['name']}", f"index/{p['name']}")
                     or k.startswith(f"state/{p['name']}/")]
-            stored = human(sum(tensors[k].numel() * tensors[k].element_size() for k in keys))
+            stored = human(sum(tensors[k]["data_offsets"][1] - tensors[k]["data_offsets"][0] for k in keys))
             update = p["update"] + (f" {p['trained_shape']}" if p["trained_shape"] not in (None, p["shape"]) else "")
         lines.append(f"  {p['name']:<34} {str(p['shape']):<14} {p['dtype']:<8} {p['layout']:<13} {update:<46} {stored:>9}")
-    dense = sum(torch.Size(p["shape"]).numel() * 4 for p in manifest["parameters"] if not p["tied_to"])
-    sparse = [p for p in manifest["parameters"] if p["layout"] != layouts.DENSE]
+    dense = sum(_numel(p["shape"]) * 4 for p in manifest["parameters"] if not p["tied_to"])
+    sparse = [p for p in manifest["parameters"] if p["layout"] != DENSE]
     lines.append(f"\n{len(sparse)} sparse weights; weights file {human(manifest['files'][WEIGHTS]['bytes'])} "
                  f"(parameters dense in fp32 would be {human(dense)} before optimizer state)")
     return "\n".join(lines)
@@ -72,7 +113,9 @@ def graph(path: str, function: str) -> str:
     if name not in files:
         raise ConfigError(f"{path} has no host programs (targets {manifest.get('targets')}); the IREE modules are "
                           f"compiled code, not graphs")
-    exported = host_exported(path, name, files[name])
+    from .export.artifact import host_exported
+    with progress.waiting(f"reading the {function} program of {path}"):
+        exported = host_exported(path, name, files[name], manifest)
     sig = manifest["functions"][function]
     placeholders = [n.name for n in exported.graph.find_nodes(op="placeholder")]
     lines = [f"# {function}: inputs"] + [f"#   {p:<16} {s['key']}" for p, s in zip(placeholders, sig["inputs"])]
@@ -81,6 +124,8 @@ def graph(path: str, function: str) -> str:
 
 
 def _batches(path: str) -> tuple[list, list]:
+    import numpy as np
+    import torch
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -109,19 +154,28 @@ def run(path: str, data: str, steps: int, target: str = "host", out: str | None 
     Returns the losses."""
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
+    import platform
+
+    from .export.artifact import check_target, load
+    from .export.iree import fetch_iree_run_module
     xs, ys = _batches(data)
-    runner = load(path, target=target, iree_run_module=None if target in ("host", platform.machine()) else
-                  fetch_iree_run_module(target))
-    tty, losses = sys.stderr.isatty(), []
+    check_target(path, archive.read(path)[0], target)     # the artifact's own targets, before any download
+    arch = target.partition(":")[0]                       # "x86_64:x86-64-v3" runs on x86_64
+    iree_run_module = None if arch in ("host", platform.machine()) else fetch_iree_run_module(arch)
+    with progress.waiting(f"loading {path} for {target}"):
+        runner = load(path, target=target, iree_run_module=iree_run_module)
+    show = progress.enabled()
+    tty, losses = show and sys.stderr.isatty(), []
     for i in range(steps):
         losses.append(float(runner.train_step(xs[i % len(xs)], ys[i % len(ys)])))
-        if tty or (i + 1) % max(1, steps // 10) == 0 or i + 1 == steps:
+        if show and (tty or (i + 1) % max(1, steps // 10) == 0 or i + 1 == steps):
             print(("\r" if tty else "") + _bar(i + 1, steps, losses[-1]), end="" if tty else "\n", file=sys.stderr,
                   flush=True)
     if tty:
         print(file=sys.stderr)
     if save:
-        runner.save(out)
+        with progress.waiting(f"saving {out or path}"):
+            runner.save(out)
     print(f"trained {steps} steps on {target}: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
           + (f"; saved {out or path}" if save else ""))
     return losses
@@ -138,7 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("artifact")
     p.add_argument("--data", required=True, help=".npz with arrays x (or x.0, x.1, ...) and y, batch index first")
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--target", default="host", help="host (PyTorch) or a CPU target the artifact holds")
+    p.add_argument("--target", default="host", help="host (PyTorch) or a CPU target the artifact holds, spelled as "
+                                                    "saved: x86_64, x86_64:host, aarch64:cortex-a76, ...")
     p.add_argument("--out", help="save to this path instead of over the artifact")
     p.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -150,6 +205,11 @@ def main(argv=None) -> int:
     except (ArtifactError, ConfigError) as e:
         print(f"sparsecc: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`sparsecc inspect ... | head`): stop quietly, as other command-line tools do.
+        # stdout now points at /dev/null so the interpreter's final flush cannot raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141     # 128 + SIGPIPE, the status a tool killed by the closed pipe would have
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Mapping, Union
 
 import torch
 
-from .errors import ConfigError, closest, human  # noqa: F401 - re-exported
+from .errors import ConfigError, closest, human, where_parameters_live  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ class UpdateScheme:
         if complete:
             for pattern in self.rules:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                    raise ConfigError(f"UpdateScheme pattern {pattern!r} matches no parameter.{closest(pattern, names)}")
+                    raise ConfigError(f"UpdateScheme pattern {pattern!r} matches no parameter."
+                                      f"{closest(pattern, names) or where_parameters_live(names)}")
         aliases: dict[int, list[str]] = {}
         for name, tensor in params.items():
             aliases.setdefault(id(tensor), []).append(name)
@@ -160,12 +161,15 @@ class Config:
         None uses whatever the model records, plus masks from torch.nn.utils.prune / parametrize.
     cost_model: "measure" rewrites a call to a sparse op only where measurement on this machine shows the
         sparse kernels faster; "off" rewrites every call it can.
+    fuse_loss: fuse an output projection with its cross-entropy loss, chunked over tokens, so the full
+        logits never exist (passes/fuse_linear_cross_entropy.py); False computes them as the model does.
     """
 
     update: UpdateScheme | None = None
     executor: str = "inductor"
     sparsity: object = None
     cost_model: str = "measure"
+    fuse_loss: bool = True
 
     def __post_init__(self):
         if self.update is not None and not isinstance(self.update, UpdateScheme):
@@ -175,6 +179,8 @@ class Config:
             raise ConfigError(f"option 'sparsity' must be a sparsecc.Sparsity, got {type(self.sparsity).__name__}")
         if self.cost_model not in _COST_MODELS:
             raise ConfigError(f"option 'cost_model' must be one of {_COST_MODELS}, got {self.cost_model!r}")
+        if not isinstance(self.fuse_loss, bool):
+            raise ConfigError(f"option 'fuse_loss' must be True or False, got {self.fuse_loss!r}")
         if self.executor not in _EXECUTORS:
             raise ConfigError(f"option 'executor' must be one of {_EXECUTORS}, got {self.executor!r}.{closest(str(self.executor), _EXECUTORS)}")
 

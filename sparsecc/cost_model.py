@@ -1,24 +1,44 @@
-"""Does the sparse kernel beat the dense one for this op? Decided by measuring both on this machine.
+"""Does the sparse kernel beat the dense one for this op? Decided by measuring both on the device that will run it.
 
 For one linear (tokens x in -> out, a dtype, a sparse format and density) the model times forward +
-input gradient + weight gradient of the sparse ops against the dense GEMMs (torch/MKL), on random data
-with the same sparsity structure, and keeps the answer in a JSON cache (one file per machine setup,
-under $SPARSECC_CACHE_DIR or ~/.cache/sparsecc) so each shape is measured once.
+input gradient + weight gradient of the sparse ops against the dense GEMMs, on random data with the same
+sparsity structure, and keeps the answer in a JSON cache (one file per device setup, under $SPARSECC_CACHE_DIR
+or ~/.cache/sparsecc) so each shape is measured once.
+
+Per device: the measurement runs on the device and dtype of the compiled parameters (LinearShape.device, or the
+compilation in progress: compiling(), which the backend sets from the parameters), with the kernels that will run
+there: the generated Triton kernels for CUDA parameters or SPARSECC_TRITON=1 (the sparsecc:: ops dispatch to them),
+the C++/CPU kernels otherwise (unchanged). The cache file is keyed by the device (its name and compute capability on
+a GPU; the CPU architecture, thread count and whether the C++ kernels are built on the CPU) and the torch and
+triton versions; the dtype is part of each entry's key. So no GPU rewrite is ever decided from CPU timings. On a
+GPU every shape is measured with CUDA events, a few warm-up and timed launches (well under a second, plus Triton's
+one-time compilation and tuning of the kernels), with a progress line per shape.
+
+Refusals that need no measurement, with their reason: a dtype the Triton kernels do not take (float64 on a GPU),
+no triton installed. N:M weights on the Triton path are timed on their own kernels (the N:M ELL kernels) and, for
+2:4 in float16/bfloat16 on a GPU with sparse tensor cores, on those (torch's semi-structured sparsity: forward,
+and the input gradient too for NM(2, 4, transposable=True)); the faster is recorded (nm_choice) and the N:M ops use
+it; where sparse tensor cores cannot run, the reason is part of the decision's text. The Channels weight gradient
+chooses between the generated kernel and the gathered slice + cuBLAS the same way, per shape (channels_choice).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import json
 import os
 import platform
+import re
 import statistics
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .ops import native
+from .progress import say
 
 MIN_SPEEDUP = 1.05    # a rewrite must win by more than this machine's run-to-run noise
 
@@ -32,10 +52,15 @@ class LinearShape:
     fmt: str           # "blocks" | "csr"
     block: int         # block size (1 for csr)
     density: float     # fraction of entries stored
+    device: str | None = None    # where the parameters live ("cpu", "cuda", "cuda:1"); None: the device of the
+                                 # compilation in progress (compiling()), else the CPU
+    pattern: str | None = None   # an N:M weight in "csr" format: "2:4", or "2:4T" for a transposable one; None: taken
+                                 # from the compilation in progress on the Triton path (the CPU runs N:M as CSR)
 
     def key(self) -> str:
-        return (f"{self.tokens}x{self.inp}->{self.out} {str(self.dtype).removeprefix('torch.')} "
-                f"{self.fmt}{self.block if self.fmt == 'blocks' else ''} d={self.density:.4f}")
+        fmt = f"nm{self.pattern}" if self.pattern else f"{self.fmt}{self.block if self.fmt == 'blocks' else ''}"
+        dtype = str(self.dtype).removeprefix('torch.')
+        return f"{self.tokens}x{self.inp}->{self.out} {dtype} {fmt} d={self.density:.4f}"
 
     @property
     def dense_flops(self) -> int:
@@ -54,9 +79,96 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSECC_CACHE_DIR", Path.home() / ".cache" / "sparsecc"))
 
 
-def _cache_file() -> Path:
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A device as the cost model sees it."""
+
+    device: str                          # "cpu" or "cuda:<index>"
+    name: str                            # "cpu", or the GPU's name
+    capability: tuple[int, int] | None   # a CUDA GPU's compute capability (None on the CPU and ROCm)
+    triton: bool                         # the sparsecc:: ops run the generated Triton kernels here
+    setup: str                           # what the measurements depend on: the cache file's tag
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def device_info(device: str | torch.device | None = None) -> DeviceInfo:
+    """The DeviceInfo of a device (default: the CPU)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _gpu_info(index, torch.__version__, _triton_version())
+    triton = os.environ.get("SPARSECC_TRITON") == "1"
     setup = f"{platform.machine()}-torch{torch.__version__}-t{torch.get_num_threads()}-native{int(native.available())}"
-    return cache_dir() / f"cost_model-{setup}.json"
+    if triton:
+        setup += f"-triton{_triton_version()}-interpret{int(os.environ.get('TRITON_INTERPRET') == '1')}"
+    return DeviceInfo("cpu", "cpu", None, triton, setup)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_info(index: int, torch_version: str, triton_version: str | None) -> DeviceInfo:
+    name = torch.cuda.get_device_name(index)
+    capability = None if torch.version.hip else tuple(torch.cuda.get_device_capability(index))
+    arch = f"cc{capability[0]}{capability[1]}" if capability else "rocm"
+    setup = f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-{arch}-torch{torch_version}-triton{triton_version}"
+    return DeviceInfo(f"cuda:{index}", name, capability, True, setup)
+
+
+def _cache_file(device: str | torch.device | None = None) -> Path:
+    return cache_dir() / f"cost_model-{device_info(device).setup}.json"
+
+
+# ---- the compilation in progress: its parameters' device and N:M patterns (set by the backend) -------------------
+
+_COMPILING: contextvars.ContextVar[tuple[str | None, dict] | None] = contextvars.ContextVar("sparsecc_compiling",
+                                                                                          default=None)
+
+
+@contextlib.contextmanager
+def compiling(device: str | torch.device | None, nm_patterns: dict | None = None):
+    """Within: LinearShapes without a device are measured on `device` (the compiled parameters'), and an N:M
+    weight's pattern is looked up by its (out, in) shape in nm_patterns ({(out, in): sparsecc.NM})."""
+    token = _COMPILING.set((None if device is None else str(device), dict(nm_patterns or {})))
+    try:
+        yield
+    finally:
+        _COMPILING.reset(token)
+
+
+def nm_patterns(patterns: dict, params: dict) -> dict:
+    """{(out, in): NM} of a model's N:M weights (name -> pattern, name -> parameter); a shape two different N:M
+    patterns share keeps the non-transposable one (the conservative choice)."""
+    from .sparsity import NM
+    out = {}
+    for name, pattern in patterns.items():
+        if isinstance(pattern, NM) and name in params:
+            shape = (params[name].shape[0], params[name][0].numel())
+            if shape in out and out[shape] != pattern:
+                pattern = NM(pattern.n, pattern.m)
+            out[shape] = pattern
+    return out
+
+
+def resolve(shape: LinearShape) -> LinearShape:
+    """The shape with its device and (on the Triton path) its N:M pattern filled in from the compilation."""
+    context = _COMPILING.get()
+    device = shape.device or (context[0] if context else None) or "cpu"
+    shape = replace(shape, device=device)
+    if shape.pattern is None and shape.fmt == "csr" and context and device_info(device).triton:
+        nm = context[1].get((shape.out, shape.inp))
+        if nm is not None and abs(nm.density - shape.density) < 1e-9:
+            shape = replace(shape, pattern=f"{nm.n}:{nm.m}{'T' if nm.transposable else ''}")
+    return shape
 
 
 def _median_ms(fn, reps: int = 3) -> float:
@@ -69,64 +181,255 @@ def _median_ms(fn, reps: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure(shape: LinearShape) -> tuple[float, float]:
-    """(dense ms, sparse ms) for forward + both gradients, interleaved so drift hits both alike."""
-    from .sparse_weights import SparseWeight
+def gpu_median_ms(fn, device: torch.device, budget_ms: float = 60.0) -> float:
+    """Median ms of fn on a GPU with CUDA events: one warm-up call (compiles and tunes kernels the first time),
+    one probe, then as many timed calls as fit in budget_ms (3 to 25)."""
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    reps = int(min(25, max(3, budget_ms / max(start.elapsed_time(end), 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in events:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(a.elapsed_time(b) for a, b in events)
+
+
+def _nm_of(pattern: str):
+    from .sparsity import NM
+    n, m = pattern.rstrip("T").split(":")
+    return NM(int(n), int(m), transposable=pattern.endswith("T"))
+
+
+def _support(shape: LinearShape, device: torch.device, gen: torch.Generator):
+    """(pattern, random support) with the shape's sparsity structure, on the device. The CPU keeps the supports it
+    always drew (the patterns' magnitude masks of noise); on a GPU they are drawn there directly (exact block count)."""
     from .sparsity import Blocks, Unstructured
-
-    gen = torch.Generator().manual_seed(0)
+    if shape.pattern:
+        pattern = _nm_of(shape.pattern)
+        return pattern, pattern.mask(torch.randn(shape.out, shape.inp, generator=gen, device=device))
     pattern = Blocks(shape.block, shape.density) if shape.fmt == "blocks" else Unstructured(shape.density)
-    support = pattern.mask(torch.randn(shape.out, shape.inp, generator=gen))    # random: norms of noise
-    sw = SparseWeight.create("cost_model", pattern, support, shape.dtype)
-    w = torch.randn(shape.out, shape.inp, generator=gen, dtype=shape.dtype) * support
-    x = torch.randn(shape.tokens, shape.inp, generator=gen, dtype=shape.dtype)
-    g = torch.randn(shape.tokens, shape.out, generator=gen, dtype=shape.dtype)
-    values = sw.gather(w)
-    sparse_ops = torch.ops.sparsecc
+    if device.type == "cpu":
+        return pattern, pattern.mask(torch.randn(shape.out, shape.inp, generator=gen))    # random: norms of noise
+    if shape.fmt == "blocks":
+        b = shape.block
+        grid = torch.zeros(shape.out // b * (shape.inp // b), dtype=torch.bool, device=device)
+        k = max(1, round(shape.density * grid.numel()))
+        grid[torch.randperm(grid.numel(), generator=gen, device=device)[:k]] = True
+        grid = grid.view(shape.out // b, shape.inp // b)
+        return pattern, grid.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    return pattern, torch.rand(shape.out, shape.inp, generator=gen, device=device) < shape.density
 
-    def dense():
-        x @ w.t(), g @ w, g.t() @ x
 
+def _sparse_steps(shape: LinearShape, sw, values, x, g, impl: str = "ell"):
+    """forward + input gradient + weight gradient of the sparse kernels that run for the shape on its device:
+    the sparsecc:: ops (which dispatch to the Triton launchers on the Triton path), or for an N:M weight on the
+    Triton path its N:M kernels (`impl` "ell") or sparse tensor cores ("semi": forward; "semiT": forward and input
+    gradient, a transposable 2:4 weight)."""
+    ops = torch.ops.sparsecc
     if shape.fmt == "blocks":
         rows, cols = sw.index["rows"], sw.index["cols"]
 
         def sparse():
-            sparse_ops.block_sparse_mm(x, values, rows, cols, shape.out)
-            sparse_ops.block_sparse_mm_t(g, values, rows, cols, shape.inp)
-            sparse_ops.block_sddmm(g, x, rows, cols, shape.block)
-    else:
-        i = sw.index
-
+            ops.block_sparse_mm(x, values, rows, cols, shape.out)
+            ops.block_sparse_mm_t(g, values, rows, cols, shape.inp)
+            ops.block_sddmm(g, x, rows, cols, shape.block)
+        return sparse
+    i = sw.index
+    if not shape.pattern:
         def sparse():
-            sparse_ops.csr_mm(x, values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], shape.out)
-            sparse_ops.csr_mm_t(g, values, i["t_crow"], i["t_col"], i["t_perm"], shape.inp)
-            sparse_ops.csr_sddmm(g, x, i["crow"], i["col"])
+            ops.csr_mm(x, values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], shape.out)
+            ops.csr_mm_t(g, values, i["t_crow"], i["t_col"], i["t_perm"], shape.inp)
+            ops.csr_sddmm(g, x, i["crow"], i["col"])
+        return sparse
+    from .ops import semi_structured
+    from .ops.device import triton_kernels
+    T, m = triton_kernels(), _nm_of(shape.pattern).m
+    values2d, col2d = values.view(shape.out, -1), i["col"].view(shape.out, -1)
+    fwd = (lambda: semi_structured.mm(x, values2d, col2d, shape.inp)) if impl.startswith("semi") else \
+        (lambda: T.nm_mm(x, values2d, col2d, shape.out, m=m))
+    bwd = (lambda: semi_structured.mm_t(g, values2d, col2d, shape.inp)) if impl == "semiT" else \
+        (lambda: T.nm_mm_t(g, values2d, col2d, shape.inp, m=m))
 
-    dense_ms, sparse_ms = [], []
+    def sparse():
+        fwd(), bwd(), T.nm_sddmm(g, x, col2d, m=m)
+    return sparse
+
+
+def measure(shape: LinearShape) -> tuple:
+    """(dense ms, sparse ms) for forward + both gradients on the shape's device (resolve() fills it in), interleaved
+    so drift hits both alike; for an N:M weight on a GPU also the implementation that was faster ("ell", "semi",
+    "semiT")."""
+    from .sparse_weights import SparseWeight
+    shape = shape if shape.device else resolve(shape)
+    info = device_info(shape.device)
+    device = torch.device(info.device)
+    gen = torch.Generator(device).manual_seed(0)
+    pattern, support = _support(shape, device, gen)
+    sw = SparseWeight.create("cost_model", pattern, support, shape.dtype)
+    w = torch.randn(shape.out, shape.inp, generator=gen, device=device).to(shape.dtype) * support
+    x = torch.randn(shape.tokens, shape.inp, generator=gen, device=device).to(shape.dtype)
+    g = torch.randn(shape.tokens, shape.out, generator=gen, device=device).to(shape.dtype)
+    values = sw.gather(w)
+
+    def dense():
+        x @ w.t(), g @ w, g.t() @ x
+
+    impls = ["ell"]
+    if info.is_gpu and shape.pattern and shape.pattern.startswith("2:4"):
+        from .ops import semi_structured
+        if semi_structured.available(device, shape.dtype)[0]:
+            impls.append("semiT" if shape.pattern.endswith("T") else "semi")
+    steps = {impl: _sparse_steps(shape, sw, values, x, g, impl) for impl in impls}
+    timer = (lambda fn: gpu_median_ms(fn, device)) if info.is_gpu else _median_ms
+    dense_ms, sparse_ms = [], {impl: [] for impl in impls}
     for _ in range(2):
-        dense_ms.append(_median_ms(dense))
-        sparse_ms.append(_median_ms(sparse))
-    return min(dense_ms), min(sparse_ms)
+        dense_ms.append(timer(dense))
+        for impl, fn in steps.items():
+            try:
+                sparse_ms[impl].append(timer(fn))
+            except Exception:          # noqa: BLE001 - sparse tensor cores that fail at this shape: not chosen
+                if impl == "ell":
+                    raise
+                sparse_ms[impl].append(float("inf"))
+    best = min(impls, key=lambda impl: min(sparse_ms[impl]))
+    if info.is_gpu and shape.pattern:
+        return min(dense_ms), min(sparse_ms[best]), best
+    return min(dense_ms), min(sparse_ms[best])
+
+
+def unsupported(shape: LinearShape, info: DeviceInfo) -> str | None:
+    """Why the sparse kernels cannot run for the shape on the device at all (no measurement needed), or None."""
+    where = f"on {info.name}" if info.is_gpu else "on the Triton path (SPARSECC_TRITON=1)"
+    if info.triton and _triton_version() is None:
+        return f"kept dense: the sparse kernels {where} are generated Triton kernels and triton is not installed"
+    if info.triton and shape.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return (f"kept dense: the generated Triton kernels {where} take float32/float16/bfloat16, not "
+                f"{str(shape.dtype).removeprefix('torch.')}, so the dense GEMM runs on the masked weight")
+    return None
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(path: Path, key: str, value: list[float]) -> None:
+    cache = _load_cache(path)        # re-read: another process may have added shapes meanwhile
+    cache[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(path)
+
+
+_IMPLS = {"ell": "generated N:M kernels", "semi": "2:4 sparse tensor cores forward, generated N:M kernels backward",
+          "semiT": "2:4 sparse tensor cores forward and input gradient, generated SDDMM weight gradient"}
+_NM_CHOICE: dict[tuple, str] = {}      # (device, dtype, out, in, n, m) -> "semi" | "semiT": see nm_choice
+
+
+def _verdict(dense_ms: float, sparse_ms: float, impl: str | None = None, shape: LinearShape | None = None,
+             info: DeviceInfo | None = None) -> Decision:
+    speedup = dense_ms / sparse_ms if sparse_ms > 0 else float("inf")
+    verdict = f"measured fwd+bwd sparse {sparse_ms:.2f} ms vs dense {dense_ms:.2f} ms ({speedup:.2f}x)"
+    if info is not None and info.is_gpu:
+        verdict += f" on {info.name}" + (f", {_IMPLS[impl]}" if impl in _IMPLS else ", generated Triton kernels")
+        if shape is not None and shape.pattern and shape.pattern.startswith("2:4") and impl == "ell":
+            from .ops import semi_structured
+            usable, why = semi_structured.available(info.device, shape.dtype)
+            verdict += f" ({why})" if not usable else " (sparse tensor cores were slower)"
+    if speedup > MIN_SPEEDUP:
+        if info is not None and shape is not None and shape.pattern and info.is_gpu:
+            nm = _nm_of(shape.pattern)
+            key = (info.device, shape.dtype, shape.out, shape.inp, nm.n, nm.m)
+            if impl in ("semi", "semiT"):
+                _NM_CHOICE[key] = impl
+            else:
+                _NM_CHOICE.pop(key, None)
+        return Decision(True, verdict, speedup)
+    return Decision(False, f"{verdict}: not faster by {MIN_SPEEDUP}x here, so the dense GEMM runs on the masked "
+                           f"weight", speedup)
+
+
+def nm_choice(device: torch.device, dtype: torch.dtype, out: int, inp: int, n: int, m: int) -> str | None:
+    """How the N:M ops run a rewritten N:M weight of this shape on this GPU, as the cost model decided: "semi"
+    (sparse tensor cores forward), "semiT" (forward and input gradient), or None (the generated N:M kernels)."""
+    if device.type != "cuda":
+        return None
+    return _NM_CHOICE.get((device_info(device).device, dtype, out, inp, n, m))
+
+
+def decide_all(shapes: list[LinearShape]) -> list[Decision]:
+    """decide() for several calls: the shapes not cached yet are measured first, on their device, one progress
+    line each ("measuring sparse vs dense 3/8: ..."), so a long first compilation says how much is left."""
+    resolved = [resolve(s) for s in shapes]
+    decisions: list[Decision | None] = [None] * len(shapes)
+    groups: dict[str, list[int]] = {}
+    for i, shape in enumerate(resolved):
+        groups.setdefault(device_info(shape.device).setup, []).append(i)
+    for positions in groups.values():
+        device = resolved[positions[0]].device
+        info, path = device_info(device), _cache_file(device)
+        cache = _load_cache(path)
+        for i in positions:
+            why = unsupported(resolved[i], info)
+            if why:
+                decisions[i] = Decision(False, why)
+        missing = list(dict.fromkeys(resolved[i].key() for i in positions
+                                     if decisions[i] is None and resolved[i].key() not in cache))
+        by_key = {resolved[i].key(): resolved[i] for i in positions}
+        if missing:
+            where = f"on {info.name} ({info.device})" if info.is_gpu else "on this machine"
+            say(f"measuring sparse vs dense kernels for {len(missing)} shape(s) {where}, once: the answers are "
+                f"cached in {path}")
+        start = time.perf_counter()
+        for i, key in enumerate(missing, 1):
+            say(f"measuring sparse vs dense {i}/{len(missing)}: {key} ...")
+            cache[key] = list(measure(by_key[key]))
+            _store(path, key, cache[key])
+        if missing:
+            say(f"measured {len(missing)} shape(s) in {time.perf_counter() - start:.1f} s")
+        for i in positions:
+            if decisions[i] is None:
+                decisions[i] = _verdict(*cache[resolved[i].key()][:3], shape=resolved[i], info=info)
+    return decisions
+
+
+def channels_choice(g: torch.Tensor, x: torch.Tensor, idx_or_k, dim: str, kernel, sliced) -> str:
+    """"kernel" or "slice+mm": how the Channels weight gradient runs for this call. On a GPU, whichever of the
+    generated kernel (`kernel()`) and the gathered slice + cuBLAS (`sliced()`) measured faster for the shape (first
+    call of each shape and dtype, then cached per device like the linear shapes), so it is never slower than the
+    slice + cuBLAS; elsewhere (the interpreter, SPARSECC_TRITON=1 on the CPU) the kernel."""
+    if not x.is_cuda:
+        return "kernel"
+    info = device_info(x.device)
+    indexed = isinstance(idx_or_k, torch.Tensor)
+    k = idx_or_k.shape[0] if indexed else int(idx_or_k)
+    key = (f"channels {g.shape[0]}x{g.shape[1]}x{x.shape[1]} k={k} dim={dim} {'index' if indexed else 'first'} "
+           f"{str(x.dtype).removeprefix('torch.')}")
+    memo = _CHANNELS.get((info.setup, key))
+    if memo is None:
+        path = _cache_file(x.device)
+        entry = _load_cache(path).get(key)
+        if entry is None:
+            device = torch.device(info.device)
+            entry = [gpu_median_ms(kernel, device, 20.0), gpu_median_ms(sliced, device, 20.0)]
+            _store(path, key, entry)
+        memo = _CHANNELS[(info.setup, key)] = "kernel" if entry[0] < entry[1] else "slice+mm"
+    return memo
+
+
+_CHANNELS: dict[tuple[str, str], str] = {}
 
 
 def decide(shape: LinearShape) -> Decision:
     """Rewrite when the measured sparse time beats dense by MIN_SPEEDUP; answers are cached per shape."""
-    path = _cache_file()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    key = shape.key()
-    if key not in cache:
-        print(f"sparsecc: measuring sparse vs dense kernels for {key} ...", file=sys.stderr, flush=True)
-        cache[key] = list(measure(shape))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
-    dense_ms, sparse_ms = cache[key]
-    speedup = dense_ms / sparse_ms if sparse_ms > 0 else float("inf")
-    verdict = f"measured fwd+bwd sparse {sparse_ms:.2f} ms vs dense {dense_ms:.2f} ms ({speedup:.2f}x)"
-    if speedup > MIN_SPEEDUP:
-        return Decision(True, verdict, speedup)
-    return Decision(False, f"{verdict}: not faster by {MIN_SPEEDUP}x, kept dense (masked)", speedup)
+    return decide_all([shape])[0]

@@ -20,3 +20,45 @@ def human(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def _children(names: list[list[str]], prefix: list[str]) -> list[str]:
+    return list(dict.fromkeys(n[len(prefix)] for n in names if n[:len(prefix)] == prefix and len(n) > len(prefix)))
+
+
+def module_prefixes(names) -> list[str]:
+    """Where parameters live, coarsely: module paths such as ['blocks.0', 'blocks.1', '...', 'blocks.5', 'head']
+    for a model whose parameters are blocks.0.* to blocks.5.*, head.weight, head.bias. A ModuleList is listed
+    per item (long runs shortened with '...'); a wrapper module holding most parameters (transformers'
+    `model.`) is looked into."""
+    split = [n.split(".") for n in names]
+    groups = [[c] for c in dict.fromkeys(n[0] for n in split)]
+    changed = True
+    while changed and len(groups) < 200:
+        changed, out = False, []
+        for g in groups:
+            kids = _children(split, g)
+            under = sum(1 for n in split if n[:len(g)] == g)
+            numbered = bool(kids) and all(k.isdigit() for k in kids)
+            if kids and (numbered or (len(kids) > 1 and 5 * under > 4 * len(split))):
+                out += [g + [k] for k in kids]
+                changed = True
+            else:
+                out.append(g)
+        groups = out
+    labels, i = [], 0
+    while i < len(groups):                       # blocks.0, blocks.1, ..., blocks.11
+        j = i
+        while j + 1 < len(groups) and groups[j + 1][:-1] == groups[i][:-1] and groups[j + 1][-1].isdigit() \
+                and groups[i][-1].isdigit():
+            j += 1
+        run = [".".join(g) for g in groups[i:j + 1]]
+        labels += run if len(run) <= 4 else run[:2] + ["..."] + run[-1:]
+        i = j + 1
+    return labels
+
+
+def where_parameters_live(names) -> str:
+    """' Parameters live under: blocks.0, blocks.1, ..., head.' for a 'matches no parameter' error."""
+    labels = module_prefixes(list(names))
+    return f" Parameters live under: {', '.join(labels)}." if labels else " The model has no parameters."

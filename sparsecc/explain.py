@@ -5,10 +5,10 @@ The model is left as it was: gradients and buffers (BatchNorm running statistics
 from __future__ import annotations
 
 import torch
-from torch._dynamo.exc import BackendCompilerFailed
 from torch.utils._pytree import tree_leaves
 
 from . import report as report_mod
+from ._torch import BackendCompilerFailed
 from .backend import backend_for
 from .config import Config, ConfigError
 
@@ -27,7 +27,7 @@ def explain(model: torch.nn.Module, *example_inputs, loss_fn=None, update=None, 
     config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))   # strict, before compiling
     grads = {p: p.grad for p in model.parameters()}
     buffers = {b: b.detach().clone() for b in model.buffers()}
-    first = len(report_mod.reports())
+    first = report_mod.registered()
     try:
         compiled = torch.compile(model, backend=backend_for(config))
         try:
@@ -44,7 +44,7 @@ def explain(model: torch.nn.Module, *example_inputs, loss_fn=None, update=None, 
         with torch.no_grad():
             for b, saved in buffers.items():
                 b.copy_(saved)
-    new = report_mod.reports()[first:]
+    new = report_mod.reports_since(first)
     if not new:
         raise RuntimeError("explain: Dynamo compiled no graph with a backward for this model and input")
     return report_mod.Report.merge(new)

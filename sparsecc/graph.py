@@ -6,8 +6,8 @@ import re
 
 import torch
 import torch.fx as fx
-from torch._dynamo.symbolic_convert import InstructionTranslator
-from torch._guards import detect_fake_mode
+
+from ._torch import compiling_frame, detect_fake_mode, source_name
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
@@ -28,9 +28,9 @@ def dynamo_parameters(gm: fx.GraphModule, example_inputs) -> dict[int, tuple[str
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = {}
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        grapharg = node.meta.get("grapharg")
-        if isinstance(value, torch.nn.Parameter) and grapharg is not None:
-            found[i] = (fqn_from_source(grapharg.source.name), value)
+        source = source_name(node)
+        if isinstance(value, torch.nn.Parameter) and source is not None:
+            found[i] = (fqn_from_source(source), value)
     return found
 
 
@@ -38,18 +38,18 @@ def dynamo_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
     """The module whose parameters the graph's parameter inputs were read from (the `self` of the compiled
     forward, or a global model), found in the frame Dynamo is compiling; None when there is no single one.
     With it, a scheme is checked against every parameter name, tied aliases included."""
-    tx = InstructionTranslator.current_tx()
-    if tx is None:
+    frame = compiling_frame()
+    if frame is None:
         return None
     roots = set()
     for node in gm.graph.nodes:
-        grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
-        if grapharg is not None and "_parameters[" in grapharg.source.name:
-            roots.add(grapharg.source.name.split("]", 1)[0] + "]")
+        source = source_name(node) if node.op == "placeholder" else None
+        if source is not None and "_parameters[" in source:
+            roots.add(source.split("]", 1)[0] + "]")
     if len(roots) != 1:
         return None
     (root,) = roots
-    scope = tx.f_locals if root.startswith("L[") else tx.f_globals if root.startswith("G[") else {}
+    scope = frame[0] if root.startswith("L[") else frame[1] if root.startswith("G[") else {}
     module = scope.get(root[3:-2])
     return module if isinstance(module, torch.nn.Module) else None
 

@@ -6,12 +6,18 @@ their base's storage; graph inputs are resident and not counted; graph outputs s
 """
 from __future__ import annotations
 
+import contextlib
 import operator
+import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch.fx as fx
 from torch.profiler import ProfilerActivity, profile
 
+from ._torch import memory_timeline
 from .graph import nbytes
 
 
@@ -75,13 +81,51 @@ def liveness(gm: fx.GraphModule, order: list[fx.Node] | None = None) -> Timeline
     return Timeline([n.name for n in order], timeline)
 
 
+_KINETO_LINE = re.compile(rb"^(USDT|STAGE|INFO|WARNING):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_kineto_lines():
+    """Drop the lines libkineto (PyTorch's profiler backend) writes to fd 2 when a profile starts and stops
+    ("USDT:... profiler_start", "... profiler_stop"). They come from C++ at a log level read once when torch
+    loads (KINETO_LOG_LEVEL), so they cannot be turned off from here; everything else written meanwhile is
+    passed through unchanged."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):   # no real fd 2 (embedded interpreters): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = b"".join(line for line in tmp.read().splitlines(keepends=True) if not _KINETO_LINE.match(line))
+            if kept:
+                os.write(2, kept)
+
+
 def measure_peak(fn) -> int:
     """Peak bytes allocated above what was live when fn started, measured by the profiler's memory timeline
     (every CPU allocation and free during fn, those inside compiled kernels included)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+    with _without_kineto_lines():
+        prof.start()
+    try:
         fn()
+    finally:
+        with _without_kineto_lines():
+            prof.stop()
     live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
+    for _, action, _, size in memory_timeline(prof):
         if action.name == "CREATE":
             live += size
         elif action.name == "DESTROY":

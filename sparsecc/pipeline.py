@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import re
+import time
 
 import torch.fx as fx
 
 from .graph import output_values
 from .passes import PassResult, Plan
+from .passes.fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .passes.fuse_optimizer import fuse_optimizer
 from .passes.prune_backward import prune_backward
 from .passes.rematerialize import rematerialize
 from .passes.reorder_for_memory import reorder_for_memory
 from .passes.subtensor_grads import subtensor_grads
 
+CAPTURE_PASSES = [     # on the captured forward + loss of a training step, before the joint trace
+    fuse_linear_cross_entropy,   # output projection + cross-entropy chunked over tokens: no full logits
+]
 PASSES = [
     prune_backward,      # frozen parameters get no gradient; DCE removes what only served them
     subtensor_grads,     # Channels rules: weight gradients for the selected channels only
@@ -75,7 +80,9 @@ def run_passes(joint: fx.GraphModule, plan: Plan, passes=PASSES) -> tuple[list[P
     results = []
     n_outputs = len(output_values(joint))
     for fn in passes:
+        start = time.perf_counter()
         result = fn(joint, plan)
+        result.seconds = time.perf_counter() - start
         verify(joint, plan, n_outputs, fn.__name__)
         graphs[f"joint/after {fn.__name__}"] = readable(joint)
         results.append(result)

@@ -24,7 +24,6 @@ import dataclasses
 import math
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -37,6 +36,7 @@ from .config import Channels, ConfigError, Rule, UpdateScheme, closest, human, r
 from .graph import clone_graph_module
 from .optim import AdamW, SGD
 from .pipeline import TRAIN_STEP_PASSES, run_passes
+from .progress import Bar, silenced
 from .calling import call_model
 from .train_step import compile_train_step
 
@@ -264,9 +264,14 @@ class SearchReport:
                       key=lambda c: -(c.contribution or 0))[:10]
         bound_ok = [c for c in self.candidates if c.memory_estimate is not None]
         violations = sum(c.memory_bound > c.memory_estimate for c in bound_ok)
-        lines = [f"scheme search: budget {human(self.budget)}, minimum {human(self.minimum)}, "
-                 f"{len(self.candidates)} candidates ({len(bound_ok)} compiled), {self.seconds:.1f} s; "
-                 f"lower bound above the compiled estimate for {violations}",
+        bound = ("the quick memory bound that skips compiling schemes which cannot fit was never above a compiled "
+                 "estimate" if not violations else
+                 f"the quick memory bound that skips compiling schemes which cannot fit was above the compiled "
+                 f"estimate for {violations} scheme(s), so some schemes that fit may have been skipped")
+        lines = [f"scheme search: budget {human(self.budget)}, smallest trainable scheme {human(self.minimum)}, "
+                 f"{len(self.candidates)} candidates ({len(bound_ok)} compiled), {self.seconds:.1f} s; {bound}",
+                 "memory in MB: bound = quick lower bound, est. = liveness model of the compiled step, meas. = measured; "
+                 "contrib. = summed held-out loss decrease of the units; loss dec. = measured for the whole scheme",
                  f"{'kind':14}{'bound MB':>9}{'est. MB':>9}{'meas. MB':>9}{'contrib.':>10}{'loss dec.':>10}  scheme"]
         for c in units + rest + [self.chosen]:
             kind = "CHOSEN" if c is self.chosen else c.kind
@@ -275,23 +280,9 @@ class SearchReport:
         return "\n".join(lines + self.notes)
 
 
-class Progress:
-    """One stderr line rewritten in place; silent when disabled."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.width = enabled, 0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.enabled:
-            bar = "#" * (20 * done // max(total, 1))
-            line = f"\rsparsecc.search_scheme: {stage} [{bar:20}] {done}/{total}"
-            sys.stderr.write(line.ljust(self.width))
-            sys.stderr.flush()
-            self.width = len(line)
-
-    def close(self) -> None:
-        if self.enabled and self.width:
-            sys.stderr.write("\n")
+def Progress(enabled: bool) -> Bar:
+    """The search's progress bar on stderr (sparsecc.progress: off with progress=False or SPARSECC_PROGRESS=0)."""
+    return Bar("sparsecc.search_scheme", enabled)
 
 
 # ---- the search -----------------------------------------------------------------------------------------
@@ -453,6 +444,8 @@ def search_scheme(model, loss_fn, batches, memory_budget, *, optimizer, ratios=(
     unit_state = [_trained(params[n], r).numel() * params[n].element_size() * len(optimizer.state_names)
                   for n, r in units]
     bar = Progress(progress)
+    quiet = silenced(not progress)      # progress=False: nothing inside (compiles, measurements) reports either
+    quiet.__enter__()
     try:
         search = _Search(units, unit_state, MemoryModel(model, loss_fn, optimizer, example), budget)
         minimum = search.measure_units(bar, notes)
@@ -477,6 +470,7 @@ def search_scheme(model, loss_fn, batches, memory_budget, *, optimizer, ratios=(
         bar("measuring the chosen scheme", 1, 1)
     finally:
         bar.close()
+        quiet.__exit__(None, None, None)
     scheme = to_scheme(chosen.rules)
     if not report:
         return scheme

@@ -82,6 +82,10 @@ class SparseWeight:
         if isinstance(self.pattern, NM) and (m.reshape(m.shape[0], -1, self.pattern.m).sum(2) != self.pattern.n).any():
             raise ValueError(f"{self.name}: the support is not {self.pattern} (every group of {self.pattern.m} "
                              f"inputs must hold exactly {self.pattern.n} entries)")
+        if isinstance(self.pattern, NM) and self.pattern.transposable and \
+                (m.t().reshape(m.shape[1], -1, self.pattern.m).sum(2) != self.pattern.n).any():
+            raise ValueError(f"{self.name}: the support is not {self.pattern} (its transpose must be "
+                             f"{self.pattern.n}:{self.pattern.m} too)")
         return dict(zip(_BLOCK_KEYS, block_index(m, self.block))) if self.format == "blocks" else to_csr(m)
 
     def inputs(self) -> list[torch.Tensor]:

@@ -7,6 +7,8 @@ pattern and mask on the model, so a later compilation knows which entries must s
 from __future__ import annotations
 
 import fnmatch
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -15,6 +17,7 @@ from typing import Mapping, Union
 import torch
 
 from .config import ConfigError, closest
+from .errors import where_parameters_live
 
 
 def _density(name: str, value) -> None:
@@ -29,31 +32,74 @@ def _matrix(weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class NM:
-    """N nonzeros in every group of M consecutive input-dimension entries (2:4 is NVIDIA's sparse tensor core format)."""
+    """N nonzeros in every group of M consecutive input-dimension entries (2:4 is NVIDIA's sparse tensor core format).
+
+    transposable=True: N:M along the rows *and* along the columns of every M x M tile, so the transposed weight
+    is N:M too (the input gradient, which contracts along the other dimension of W, can then also run on sparse
+    tensor cores). Chosen by magnitude: per tile, the one of the valid M x M masks (90 for 2:4) that keeps the
+    largest sum of |w|. Needs M <= 4 (the masks are enumerated) and both dimensions divisible by M."""
 
     n: int
     m: int
+    transposable: bool = False
 
     def __post_init__(self):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m)) or self.n < 1:
             raise ConfigError(f"NM needs positive integers, got NM({self.n!r}, {self.m!r})")
         if self.n >= self.m:
             raise ConfigError(f"NM({self.n}, {self.m}): N must be smaller than M (N >= M is not sparse)")
+        if not isinstance(self.transposable, bool):
+            raise ConfigError(f"NM transposable must be True or False, got {self.transposable!r}")
+        if self.transposable and self.m > 4:
+            raise ConfigError(f"NM({self.n}, {self.m}, transposable=True): transposable patterns need M <= 4 (every "
+                              f"valid M x M tile mask is enumerated)")
+
+    def __repr__(self) -> str:
+        return f"NM(n={self.n}, m={self.m}{', transposable=True' if self.transposable else ''})"
 
     @property
     def density(self) -> float:
         return self.n / self.m
 
     def check(self, name: str, weight: torch.Tensor) -> None:
-        cols = _matrix(weight).shape[1]
+        rows, cols = _matrix(weight).shape
         if cols % self.m:
             raise ConfigError(f"Sparsity for {name!r}: NM({self.n}, {self.m}) groups the {cols} input entries "
                               f"by {self.m}, which does not divide them")
+        if self.transposable and rows % self.m:
+            raise ConfigError(f"Sparsity for {name!r}: NM({self.n}, {self.m}, transposable=True) tiles the weight "
+                              f"by {self.m} x {self.m}, which does not divide its {rows} rows")
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.transposable:
+            return transposable_mask(_matrix(weight), self.n, self.m).reshape(weight.shape)
         w = _matrix(weight).abs().reshape(weight.shape[0], -1, self.m)
         keep = torch.zeros_like(w, dtype=torch.bool).scatter_(2, w.topk(self.n, dim=2).indices, True)
         return keep.reshape(weight.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def tile_masks(n: int, m: int) -> torch.Tensor:
+    """Every m x m 0/1 matrix with exactly n ones in each row and each column, as bool [count, m, m] (90 for 2:4,
+    24 for 1:4 and 3:4), in lexicographic order of their rows."""
+    rows = [tuple(j in c for j in range(m)) for c in itertools.combinations(range(m), n)]
+    tiles = [t for t in itertools.product(rows, repeat=m) if all(sum(r[j] for r in t) == n for j in range(m))]
+    return torch.tensor(tiles, dtype=torch.bool)
+
+
+def transposable_mask(matrix: torch.Tensor, n: int, m: int, chunk: int = 1 << 16) -> torch.Tensor:
+    """The transposable N:M mask of a 2-D tensor: per m x m tile, the valid tile mask (tile_masks) with the largest
+    kept sum of |w| (the first such in tile_masks' order on a tie). Vectorised: each tile's |w| times every mask,
+    `chunk` tiles at a time."""
+    rows, cols = matrix.shape
+    masks = tile_masks(n, m)
+    flat = masks.reshape(len(masks), m * m).to(torch.float64).t().to(matrix.device)
+    tiles = matrix.detach().abs().to(torch.float64).reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3)
+    tiles = tiles.reshape(-1, m * m)
+    best = torch.cat([(tiles[i:i + chunk] @ flat).argmax(1) for i in range(0, tiles.shape[0], chunk)]) \
+        if tiles.shape[0] else torch.zeros(0, dtype=torch.long, device=matrix.device)
+    keep = masks.to(matrix.device)[best].reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3)
+    return keep.reshape(rows, cols)
 
 
 @dataclass(frozen=True)
@@ -128,7 +174,8 @@ class Sparsity:
         for key, pattern in self.rules.items():
             matched = [n for n in names if fnmatch.fnmatchcase(n, key)]
             if not matched:
-                raise ConfigError(f"Sparsity pattern {key!r} matches no parameter.{closest(key, names)}")
+                raise ConfigError(f"Sparsity pattern {key!r} matches no parameter."
+                                  f"{closest(key, names) or where_parameters_live(names)}")
             for name in matched:
                 if name in resolved:
                     continue

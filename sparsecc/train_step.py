@@ -7,31 +7,31 @@ new buffers (copied back here). Nothing outside the scheme is ever written.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch._inductor.config as inductor_config
-from torch._decomp import core_aten_decompositions
-from torch._functorch.aot_autograd import aot_export_module
-from torch._inductor.compile_fx import compile_fx
-from torch._inductor.decomposition import select_decomp_table
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from . import analysis, memory
-from .calling import Structure, call_model, flatten, model_loss
+from . import analysis, memory, progress
+from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_decompositions, inductor_config,
+                     select_decomp_table)
+from .calling import Structure, call_model, flatten, leaf_names, model_loss
 from .capture import capture
+from .ops import linear_cross_entropy
 from .config import Channels, Config, ConfigError, rule_name
 from .graph import call, output_values, set_output_values
 from .optim import AdamW, SGD
 from .passes import ParamPlan, Plan
-from .pipeline import TRAIN_STEP_PASSES, readable, run_passes, totals
+from .pipeline import CAPTURE_PASSES, TRAIN_STEP_PASSES, readable, run_passes, totals
 from .report import Report, register
 
 
 MASK_PREFIX = "sparsecc_mask_"
+# sparsecc ops that exported programs carry as ATen ops (their runtimes know no sparsecc:: op)
+PORTABLE = {torch.ops.sparsecc.linear_cross_entropy.default: linear_cross_entropy.chunked}
 
 
 class _LossModule(torch.nn.Module):
@@ -128,22 +128,53 @@ class TrainStep:
         leaves, structure = flatten((x, y))
         key = (structure, _signature(leaves))
         if key not in self._compiled:
-            self._compiled[key] = self._compile(leaves, structure)
+            what = f"{type(self.model).__name__}'s training step ({self.config.executor}, once per input shape)"
+            with progress.waiting(f"compiling {what}"):
+                try:
+                    self._compiled[key] = self._compile(leaves, structure)
+                except ConfigError:
+                    raise
+                except Exception as e:        # a batch unlike the first: say how, then what failed
+                    if not self._compiled:
+                        raise
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise ConfigError(f"{self._difference(x, y, leaves, structure)}; compiling the step for this batch "
+                                      f"failed ({type(e).__name__}: {first})") from e
             self.compilations += 1
         self._last = self._compiled[key]
         return self._last, leaves
 
-    def _export(self, leaves, structure: Structure, decompositions=None) -> tuple[fx.GraphModule, Plan]:
+    def _difference(self, x, y, leaves, structure) -> str:
+        """How a batch differs from the example the step was first compiled for."""
+        ex_leaves, ex_structure = flatten(self.example_inputs)
+        if structure != ex_structure:
+            return (f"the batch is structured as {structure.spec} with constants {structure.constants_json()}, "
+                    f"the step was compiled for {ex_structure.spec} with {ex_structure.constants_json()}")
+        for name, got, want in zip(leaf_names((x, y)), leaves, ex_leaves):
+            if (got.shape, got.dtype) != (want.shape, want.dtype):
+                return (f"{name} is {str(got.dtype).removeprefix('torch.')} {list(got.shape)}, the step was "
+                        f"compiled for {str(want.dtype).removeprefix('torch.')} {list(want.shape)}")
+        return "the batch differs from the one the step was compiled for"
+
+    def _export(self, leaves, structure: Structure, decompositions=None,
+                seconds: dict | None = None) -> tuple[fx.GraphModule, Plan]:
         wrapper = _LossModule(self.model, self.loss_fn, structure, self.masks)
         saved = {p: p.requires_grad for p in self.params.values()}
+        seconds = {} if seconds is None else seconds
         try:
             for p in self.params.values():
                 p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
             with torch.enable_grad():      # a recompile can start inside the no_grad step
+                start = time.perf_counter()
                 captured = capture(wrapper, leaves)
                 _check_loss(captured, self.loss_fn)
+                captured_passes = [fn(captured, self._trained) for fn in (CAPTURE_PASSES if self.config.fuse_loss else ())]
+                for name, value in captured.named_buffers():        # and the trace's own constants
+                    self.buffers.setdefault(name.removeprefix("model."), value)
+                seconds["capture"] = time.perf_counter() - start
                 joint, sig = aot_export_module(captured, leaves, trace_joint=True, output_loss_index=0,
                                                decompositions=decompositions or select_decomp_table())
+                seconds["joint"] = time.perf_counter() - start - seconds["capture"]
         finally:
             for p, flag in saved.items():
                 p.requires_grad_(flag)
@@ -165,7 +196,12 @@ class TrainStep:
         self._mutated = [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()]
         self._buffer_names = [b.removeprefix("model.") for b in sig.buffers]
         self._param_names = names
+        joint.meta["sparsecc_capture_passes"] = captured_passes
         return joint, Plan(plans, n_fwd, self.optimizer)
+
+    def _trained(self, node: fx.Node) -> bool:
+        """Whether a node of the captured graph reads a parameter the scheme trains."""
+        return node.op == "get_attr" and self.rules.get(node.target.removeprefix("model."), "frozen") != "frozen"
 
     def joint_graph(self, x, y) -> tuple[fx.GraphModule, Plan]:
         """The exported joint forward+backward graph for batches shaped like (x, y), before the training
@@ -178,14 +214,16 @@ class TrainStep:
         It takes the same inputs as the compiled step (see _inputs)."""
         _, leaves = self._get(x, y)                # compiles (and creates the optimizer state) if needed
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
-            joint, plan = self._export(leaves, flatten((x, y))[1], core_aten_decompositions())
+            joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE})
         run_passes(joint, plan, TRAIN_STEP_PASSES)
         return joint, leaves
 
     def _compile(self, leaves, structure: Structure) -> _Compiled:
-        joint, plan = self._export(leaves, structure)
+        seconds = {}
+        joint, plan = self._export(leaves, structure, seconds=seconds)
         before = analysis.split_flops(joint, plan.num_fwd_outputs)
         results, graphs = run_passes(joint, plan, TRAIN_STEP_PASSES)
+        results[:0] = joint.meta["sparsecc_capture_passes"]
         updates = joint.meta["sparsecc_updates"]
         timeline = memory.liveness(joint)
         report = Report(graphs=graphs, passes=results,
@@ -196,14 +234,17 @@ class TrainStep:
         report.stats = {
             "backward_flops_before": before[1], "backward_flops_after": after[1],
             "forward_flops": after[0], "peak_bytes_estimate": timeline.peak,
-            **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "updates_fused"),
+            **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "updates_fused", "losses_fused",
+                     "logits_bytes_avoided"),
         }
+        seconds["passes"] = sum(r.seconds for r in results)
         register(report)
         for name, shape in updates:
             self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
                                                         device=self.params[name].device)
                                          for s in self.optimizer.state_names})
         example = self._inputs(leaves, updates)
+        start = time.perf_counter()
         if self.config.executor == "inductor":
             # Inductor's channels-last layout optimisation copies every conv activation of a whole-step
             # graph: measured on the conv net of bench_train_step, off is 1.5x less memory and 1.2x faster.
@@ -211,6 +252,8 @@ class TrainStep:
                 fn = compile_fx(joint, example)
         else:
             fn = joint.forward
+        seconds["codegen"] = time.perf_counter() - start
+        report.stats.update({f"seconds_{k}": round(v, 3) for k, v in seconds.items()})
         return _Compiled(fn, joint, updates, report)
 
     # ---- running -----------------------------------------------------------------------------------
@@ -243,7 +286,7 @@ class TrainStep:
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate; the graph reads it as an input, so nothing recompiles."""
-        type(self.optimizer)(**{**self.optimizer.__dict__, "lr": lr})   # validates
+        self.optimizer = type(self.optimizer)(**{**self.optimizer.__dict__, "lr": lr})   # validates
         self._lr.fill_(float(lr))
 
     def measure_memory(self, x, y=None) -> int:
@@ -288,7 +331,8 @@ class TrainStep:
         self.set_lr(state["lr"])
 
 
-def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs, executor="inductor") -> TrainStep:
+def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs, executor="inductor",
+                       fuse_loss=True) -> TrainStep:
     """Compile forward + loss + backward + optimizer update of model into one step.
 
     loss_fn(model_output, y) must return a scalar tensor; loss_fn=None takes the loss the model computes
@@ -305,7 +349,7 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function (model output, y) -> scalar tensor, or None for the "
                           f"model's own loss; got {type(loss_fn).__name__}")
-    config = Config(update=update, executor=executor)
+    config = Config(update=update, executor=executor, fuse_loss=fuse_loss)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
     x, y = (*example_inputs, None)[:2]
     return TrainStep(model, loss_fn, optimizer, config, rules, (x, y))

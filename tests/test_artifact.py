@@ -181,27 +181,106 @@ def _aarch64_tool():
         pytest.skip(f"cannot fetch the aarch64 iree-run-module: {e}")
 
 
-def test_aarch64_module_under_qemu_matches_x86_and_the_host(tmp_path):
+TUNED = ["host", "x86_64", "x86_64:host", "aarch64", "aarch64:cortex-a76"]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(path, batches) of a small sparse transformer saved with a generic and a CPU-tuned module for x86_64 and
+    for aarch64: one save (the compiling is what takes time) for the tests below."""
+    if platform.machine() != "x86_64":
+        pytest.skip(f"compares against x86_64 modules run in process; this machine is {platform.machine()}")
     step = sparse_transformer_step(sparsecc.SGD(0.05, momentum=0.9), d=16, heads=2, layers=1, seq=8, vocab=24)
-    path = step.save(tmp_path / "edge.sparsecc", targets=["host", "x86_64", "aarch64"])
-    host = sparsecc.load(path)
-    x86 = sparsecc.load(path, target="x86_64")
-    arm = sparsecc.load(path, target="aarch64", iree_run_module=_aarch64_tool())
-    data = batches(2, 24, (2, 8))
-    torch.testing.assert_close(arm(data[0][0]), x86(data[0][0]), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x86(data[0][0]), host(data[0][0]), rtol=1e-4, atol=1e-5)
+    return step.save(tmp_path_factory.mktemp("tuned") / "edge.sparsecc", targets=TUNED), batches(2, 24, (2, 8))
+
+
+def _assert_same_training(runners: dict, data, rtol=1e-5, atol=1e-5):
+    """Every runner gives the first one's forward, losses and trained parameters."""
+    (_, ref), *others = runners.items()
+    for name, r in others:
+        torch.testing.assert_close(r(data[0][0]), ref(data[0][0]), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     for x, y in data:
-        loss_arm, loss_x86, loss_host = arm.train_step(x, y), x86.train_step(x, y), host.train_step(x, y)
-        torch.testing.assert_close(loss_arm, loss_x86, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(loss_x86, loss_host, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(loss_host, step(x, y), rtol=1e-5, atol=1e-6)
-    for name, p in arm.parameters().items():
-        torch.testing.assert_close(p, x86.parameters()[name], rtol=1e-5, atol=1e-5, msg=name)
-    torch.testing.assert_close(arm(data[1][0]), x86(data[1][0]), rtol=1e-5, atol=1e-5)
+        want = ref.train_step(x, y)
+        for name, r in others:
+            torch.testing.assert_close(r.train_step(x, y), want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    for name, r in others:
+        for p, value in r.parameters().items():
+            torch.testing.assert_close(value, ref.parameters()[p], rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{name} {p}: {m}")
+        torch.testing.assert_close(r(data[1][0]), ref(data[1][0]), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_x86_module_tuned_for_this_cpu_trains_like_the_generic_one_and_the_host(tuned):
+    path, data = tuned
+    manifest, files = archive.read(path)
+    assert manifest["targets"] == TUNED
+    assert {"programs/x86_64-host/train_step.vmfb", "programs/aarch64-cortex-a76/forward.vmfb"} <= set(files)
+    assert manifest["cpu_flags"]["aarch64:cortex-a76"] == sorted(sparsecc.export.iree.CPUS["aarch64"]["cortex-a76"])
+    _assert_same_training({t: sparsecc.load(path, target=t) for t in ("x86_64:host", "x86_64", "host")}, data)
+
+
+def test_a_module_tuned_for_features_this_machine_lacks_is_refused(tuned, monkeypatch):
+    path, _ = tuned
+    needed = archive.read(path)[0]["cpu_flags"]["x86_64:host"]
+    assert "sse4_2" in needed                       # x86-64-v2, which any x86_64 CI machine has
+    monkeypatch.setattr(sparsecc.export.iree, "_machine_flags", lambda: set(needed) - {"sse4_2"})
+    with pytest.raises(sparsecc.ConfigError, match="x86_64:host module needs CPU features this machine lacks "
+                                                   r"\(not in /proc/cpuinfo: sse4_2\) and would crash with SIGILL"):
+        sparsecc.load(path, target="x86_64:host")
+    sparsecc.load(path, target="x86_64")            # the generic module needs nothing beyond x86_64
+
+
+def test_aarch64_modules_under_qemu_match_x86(tuned):
+    """The generic and the Cortex-A76 aarch64 modules under qemu-aarch64 (-cpu max and -cpu cortex-a76: qemu's
+    model of that core, so an instruction it lacks would fail here) train like the x86_64 module."""
+    path, data = tuned
+    tool = _aarch64_tool()
+    assert sparsecc.export.iree._qemu_cpu(shutil.which("qemu-aarch64"), "cortex-a76") == ["-cpu", "cortex-a76"]
+    _assert_same_training({"x86_64": sparsecc.load(path, target="x86_64"),
+                           **{t: sparsecc.load(path, target=t, iree_run_module=tool)
+                              for t in ("aarch64", "aarch64:cortex-a76")}}, data)
+
+
+def test_cli_runs_a_tuned_target_and_names_the_artifacts_targets(tuned, tmp_path, capsys):
+    from sparsecc import cli
+    path, data = tuned
+    np.savez(tmp_path / "b.npz", x=np.stack([x.numpy() for x, _ in data]), y=np.stack([y.numpy() for _, y in data]))
+    args = ["run", str(path), "--data", str(tmp_path / "b.npz"), "--steps", "2", "--no-save", "--target"]
+    assert cli.main(args + ["x86_64:host"]) == 0
+    assert "trained 2 steps on x86_64:host" in capsys.readouterr().out
+    assert cli.main(args + ["x86_64:hots"]) == 2
+    err = capsys.readouterr().err
+    assert f"holds targets {TUNED}, not 'x86_64:hots'. Did you mean: 'x86_64:host'" in err, err
+
+
+def test_target_names_are_checked_before_anything_is_compiled(small, tmp_path, monkeypatch):
+    from sparsecc.export import iree
+    from sparsecc.export.artifact import _program_file
+    path, _, _, step = small
+    assert iree.split("x86_64") == ("x86_64", "generic")
+    assert iree.split("aarch64:cortex-a76") == ("aarch64", "cortex-a76")
+    assert _program_file("x86_64:x86-64-v3", "forward") == "programs/x86_64-x86-64-v3/forward.vmfb"
+    monkeypatch.setattr(sparsecc.export.programs, "train_step_program", lambda *a: pytest.fail("exported"))
+    bad = {"arm64:cortex-a76": "'arm64' is not a CPU architecture.*Did you mean: 'aarch64'",
+           "x86_64:skylake": "no CPU 'skylake' for x86_64; known: x86-64-v2, x86-64-v3, x86-64-v4, or 'host'",
+           "aarch64:cortex-a67": "no CPU 'cortex-a67' for aarch64.*Did you mean: 'cortex-a76'",
+           "x86_64:X86-64-V3": "Did you mean: 'x86-64-v3'",
+           "x86_64:": "no CPU '' for x86_64",
+           "host:x86-64-v3": "'host' .torch.export programs. takes no CPU",
+           "riscv64:host": f"means the CPU of the machine that saves, but this machine is {platform.machine()}; "
+                           f"for riscv64 name one of sifive-u74, spacemit-x60"}
+    for target, message in bad.items():
+        with pytest.raises(sparsecc.ConfigError, match=message):
+            step.save(tmp_path / "no.sparsecc", targets=["host", "x86_64", target])
+    assert not (tmp_path / "no.sparsecc").exists()
+    with pytest.raises(sparsecc.ConfigError, match=r"holds targets \['host'\], not 'x86_64:host'"):
+        sparsecc.load(path, target="x86_64:host")
+    assert iree._cpu_flags("processor\t: 0\nisa\t\t: rv64imafdcv_zba_zbb\n") == {*"imafdcv", "zba", "zbb"}
+    assert iree._cpu_flags("Features\t: fp asimd atomics\n") == {"fp", "asimd", "atomics"}
 
 
 def test_each_cpu_target_module_is_built_for_its_machine(tmp_path):
-    """Each .vmfb embeds the ELF of its dispatch code: its e_machine must be the target's."""
+    """Each .vmfb embeds the ELF of its dispatch code: its e_machine must be the target's architecture's."""
     import struct
     torch.manual_seed(0)
     model = MLP(d_in=8, hidden=16, d_out=4)
@@ -209,11 +288,13 @@ def test_each_cpu_target_module_is_built_for_its_machine(tmp_path):
     x, y = torch.randn(4, 8), torch.randn(4, 4)
     step = sparsecc.compile_train_step(model, F.mse_loss, optimizer=sparsecc.SGD(0.1), update=US.full(),
                                        example_inputs=(x, y), executor="eager")
-    manifest, files = archive.read(step.save(tmp_path / "m.sparsecc", targets=["x86_64", "aarch64", "riscv64"]))
-    assert manifest["targets"] == ["x86_64", "aarch64", "riscv64"]
-    for target, machine in {"x86_64": 62, "aarch64": 183, "riscv64": 243}.items():
+    targets = ["x86_64", "aarch64", "riscv64", "x86_64:x86-64-v3", "riscv64:spacemit-x60"]
+    manifest, files = archive.read(step.save(tmp_path / "m.sparsecc", targets=targets))
+    assert manifest["targets"] == targets
+    for target in targets:
+        machine = {"x86_64": 62, "aarch64": 183, "riscv64": 243}[target.partition(":")[0]]
         for fn in ("train_step", "forward"):
-            module = files[f"programs/{target}/{fn}.vmfb"]
+            module = files[f"programs/{target.replace(':', '-')}/{fn}.vmfb"]
             elf = module.find(b"\x7fELF")
             assert elf > 0 and struct.unpack("<H", module[elf + 18:elf + 20])[0] == machine, (target, fn)
 
@@ -362,7 +443,7 @@ def test_killing_a_save_midway_leaves_a_loadable_artifact(small, tmp_path):
 
 def test_bad_save_and_load_requests_change_nothing(small, tmp_path):
     path, _, (x, y), step = small
-    with pytest.raises(sparsecc.ConfigError, match="saving a model .OptimizedModule. needs loss_fn=, optimizer="):
+    with pytest.raises(sparsecc.ConfigError, match="saving a model .OptimizedModule. needs optimizer=, example_inputs= and loss_fn="):
         sparsecc.save(torch.compile(MLP(), backend="sparsecc"), tmp_path / "no.sparsecc")
     with pytest.raises(sparsecc.ConfigError, match="a TrainStep from sparsecc.compile_train_step or a model, got dict"):
         sparsecc.save({}, tmp_path / "no.sparsecc")
@@ -371,13 +452,15 @@ def test_bad_save_and_load_requests_change_nothing(small, tmp_path):
     runner = sparsecc.load(path)
     with pytest.raises(sparsecc.ConfigError, match=r"holds targets \['host'\], not 'aarch64'"):
         sparsecc.load(path, target="aarch64")
+    before = {k: v.clone() for k, v in runner.tensors.items()}      # before the rejected calls
     with pytest.raises(sparsecc.ConfigError, match=r"input/0 is torch.float32 \[3, 8\].*\[5, 8\]"):
         runner.train_step(torch.randn(3, 8), y)
-    before = {k: v.clone() for k, v in runner.tensors.items()}
     with pytest.raises(sparsecc.ConfigError, match="structured as"):
         runner.train_step((x, x), y)
     with pytest.raises(sparsecc.ConfigError, match="lr must be a number >= 0, got -1"):
         runner.set_lr(-1)
+    assert torch.equal(runner.tensors["step"], before["step"])     # a rejected batch does not advance the step
+    assert runner.tensors.keys() == before.keys()
     assert all(torch.equal(v, runner.tensors[k]) for k, v in before.items())
     assert not (tmp_path / "no.sparsecc").exists()
 

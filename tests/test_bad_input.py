@@ -78,7 +78,7 @@ def test_tied_parameters_with_conflicting_rules():
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(sparsecc.ConfigError, match=r"unknown sparsecc option 'updte'.*\['update', 'executor', 'sparsity', 'cost_model'\].*Did you mean: 'update'"):
+    with pytest.raises(sparsecc.ConfigError, match=r"unknown sparsecc option 'updte'.*\['update', 'executor', 'sparsity', 'cost_model', 'fuse_loss'\].*Did you mean: 'update'"):
         sparsecc.backend(updte=US.full())
     with pytest.raises(sparsecc.ConfigError, match="'executor'.*Did you mean: 'eager'"):
         sparsecc.backend(executor="eagr")

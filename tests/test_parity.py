@@ -51,13 +51,17 @@ INDUCTOR_CASES = [("mlp", "channels_magnitude"), ("convnet", "channels_in"), ("c
                   ("transformer", "pockengine"), ("llama", "pockengine")]
 
 
-@pytest.mark.parametrize("model_name,scheme_name", CASES)
+# the llama cases (3 s each) run in the quick loop (`-m "not slow"`) through their pockengine scheme only
+@pytest.mark.parametrize("model_name,scheme_name",
+                         [c if c[0] != "llama" or c[1] == "pockengine" else pytest.param(*c, marks=pytest.mark.slow)
+                          for c in CASES])
 def test_eager_executor_matches_reference(model_name, scheme_name):
     model, inputs = make(model_name)
     assert_matches_reference(model, inputs, SCHEMES[model_name][scheme_name], "eager")
 
 
-@pytest.mark.parametrize("model_name,scheme_name", INDUCTOR_CASES)
+@pytest.mark.parametrize("model_name,scheme_name", [c if c[0] == "mlp" else pytest.param(*c, marks=pytest.mark.slow)
+                                                     for c in INDUCTOR_CASES])    # Inductor compiles: ~10 s each
 def test_inductor_executor_matches_reference(model_name, scheme_name):
     model, inputs = make(model_name)
     assert_matches_reference(model, inputs, SCHEMES[model_name][scheme_name], "inductor")

@@ -194,3 +194,34 @@ def test_three_adamw_steps_equal_torch_optim_in_process_and_through_an_artifact(
             assert torch.equal(p[outside], initial[n][outside]), f"{n} changed outside its Channels slice"
     for (n, b), (_, r) in zip(model.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(b, r, **TOL, msg=lambda m: f"{name} buffer {n}: {m}")
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.sum() > 0:                       # a data-dependent branch: Dynamo cannot put it in one graph
+            y = y * 2
+        return y
+
+
+def test_a_graph_break_is_a_config_error_naming_the_model_line():
+    model = DataDependent()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(sparsecc.ConfigError) as err:
+        sparsecc.compile_train_step(model, F.cross_entropy, optimizer=sparsecc.SGD(lr=0.1), example_inputs=(x, y))
+    message = str(err.value)
+    assert f"{__file__}:" in message and "if y.sum() > 0" in message, message
+    assert "backend='sparsecc'" in message                 # what to do instead
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_loss_fn_none_without_labels_says_what_to_pass():
+    model, x, _, _, scheme = case("llama-plain")
+    with pytest.raises(sparsecc.ConfigError, match="labels="):
+        sparsecc.compile_train_step(model, None, optimizer=sparsecc.SGD(lr=0.1), example_inputs=(x,),
+                                    executor="eager")

@@ -74,7 +74,9 @@ def test_deterministic_fits_and_leaves_the_model_alone(capsys):
     assert capsys.readouterr().err == ""
     assert report_a.chosen.memory_estimate <= budget
     assert trained_memory(model, F.mse_loss, a, batches[0]) == report_a.chosen.memory_estimate
-    assert report_a.chosen.memory_measured > 0
+    # against a measurement (the profiler's peak of one real step), not only against the model itself; the
+    # eager executor allocates what the liveness model counts (tests/test_memory_passes.py counts it by hand)
+    assert abs(report_a.chosen.memory_measured - report_a.chosen.memory_estimate) <= 0.05 * report_a.chosen.memory_measured
     compiled = [c for c in report_a.candidates if c.memory_estimate is not None]
     assert all(c.memory_bound <= c.memory_estimate for c in compiled)       # the pruning bound is a lower bound
     assert {c.kind for c in report_a.candidates} >= {"unit", "greedy"}
@@ -84,6 +86,7 @@ def test_deterministic_fits_and_leaves_the_model_alone(capsys):
     assert "sparsecc.search_scheme" in capsys.readouterr().err                 # the progress bar
 
 
+@pytest.mark.slow      # ~11 s: four schemes compiled both ways
 def test_memory_model_equals_compile_train_step_estimate():
     model = digits.convnet()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
@@ -94,6 +97,7 @@ def test_memory_model_equals_compile_train_step_estimate():
         assert memory(rules) == trained_memory(model, F.cross_entropy, to_scheme(rules), (x, y), optimizer), rules
 
 
+@pytest.mark.slow      # minutes: a whole search plus 100 fine-tuning steps per fitting baseline
 def test_digits_searched_scheme_at_least_as_accurate_as_the_best_fitting_baseline():
     old, train, test = digits.digits_task()
     model = digits.pretrain(old)

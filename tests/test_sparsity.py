@@ -1,4 +1,5 @@
 """Sparse weight patterns: magnitude pruning to N:M, blocks and unstructured density, and bad specs."""
+import functools
 import math
 
 import pytest
@@ -64,7 +65,11 @@ def test_sparsify_prunes_in_place_and_records_masks():
         assert torch.equal(p.detach(), expected), name
     assert masks["blocks.0.mlp.fc1.weight"].float().mean().item() == 0.5
     assert masks["blocks.1.attn.q.weight"].float().mean().item() == 0.25
-    assert model.sparsecc_masks is not None and model.sparsecc_patterns["blocks.0.attn.k.weight"] == Unstructured(0.2)
+    assert model.sparsecc_masks.keys() == masks.keys()                    # recorded on the model: the same masks
+    assert all(torch.equal(model.sparsecc_masks[n], m) for n, m in masks.items())
+    assert model.sparsecc_patterns == {**{f"blocks.{i}.mlp.fc{j}.weight": NM(2, 4) for i in range(3) for j in (1, 2)},
+                                       **{f"blocks.{i}.attn.q.weight": Blocks(8, density=0.25) for i in range(3)},
+                                       "blocks.0.attn.k.weight": Unstructured(0.2)}
 
 
 def test_sparsify_prunes_conv_weights_over_folded_kernel_dims():
@@ -92,3 +97,53 @@ def test_bad_specs_name_the_key_and_change_nothing(spec, match):
         sparsify(model, spec())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not hasattr(model, "sparsecc_masks")
+
+
+# ---- transposable N:M (2:4 along rows and columns of every 4x4 tile) ----------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def brute_force_tile_masks(n, m):
+    """Every m x m 0/1 matrix with n ones per row and per column, found by trying all 2**(m*m) of them."""
+    every = ((torch.arange(1 << (m * m))[:, None] >> torch.arange(m * m)) & 1).bool().view(-1, m, m)
+    return every[((every.sum(1) == n).all(1)) & ((every.sum(2) == n).all(1))]
+
+
+def test_tile_masks_are_all_the_valid_tiles():
+    from sparsecc.sparsity import tile_masks
+    for n, m in ((2, 4), (1, 4), (3, 4), (1, 2)):
+        ours = {tuple(t.flatten().tolist()) for t in tile_masks(n, m)}
+        assert ours == {tuple(t.flatten().tolist()) for t in brute_force_tile_masks(n, m)}
+    assert len(tile_masks(2, 4)) == 90
+
+
+@settings(max_examples=30, deadline=None)
+@given(tiles_r=st.integers(1, 6), tiles_c=st.integers(1, 6), seed=st.integers(0, 10_000),
+       nm=st.sampled_from([(2, 4), (1, 4), (3, 4)]))
+def test_transposable_mask_is_nm_both_ways_and_magnitude_optimal_per_tile(tiles_r, tiles_c, seed, nm):
+    n, m = nm
+    w = torch.randn(tiles_r * m, tiles_c * m, generator=torch.Generator().manual_seed(seed))
+    mask = NM(n, m, transposable=True).mask(w)
+    assert (mask.reshape(w.shape[0], -1, m).sum(-1) == n).all()                # rows: N:M
+    assert (mask.t().reshape(w.shape[1], -1, m).sum(-1) == n).all()            # columns: the transpose is N:M
+    candidates = brute_force_tile_masks(n, m).to(w.dtype)                      # [K, m, m]
+    for i in range(tiles_r):
+        for j in range(tiles_c):
+            tile = w[i * m:(i + 1) * m, j * m:(j + 1) * m].abs()
+            kept = (tile * mask[i * m:(i + 1) * m, j * m:(j + 1) * m]).sum()
+            best = (candidates * tile).sum((1, 2)).max()
+            assert kept >= best - 1e-6 * best.abs()
+
+
+def test_transposable_nm_validation_and_repr():
+    assert repr(NM(2, 4)) == "NM(n=2, m=4)" and NM(2, 4) == NM(2, 4, transposable=False)
+    assert repr(NM(2, 4, transposable=True)) == "NM(n=2, m=4, transposable=True)"
+    with pytest.raises(sparsecc.ConfigError, match="M <= 4"):
+        NM(2, 8, transposable=True)
+    with pytest.raises(sparsecc.ConfigError, match="transposable must be True or False"):
+        NM(2, 4, transposable=1)
+    model = torch.nn.Linear(8, 6)                                              # 6 rows: no 4 x 4 tiling
+    with pytest.raises(sparsecc.ConfigError, match="does not divide its 6 rows"):
+        sparsify(model, Sparsity({"weight": NM(2, 4, transposable=True)}))
+    model = torch.nn.Linear(8, 12)
+    masks = sparsify(model, Sparsity({"weight": NM(2, 4, transposable=True)}))
+    assert (masks["weight"].t().reshape(8, -1, 4).sum(-1) == 2).all()

@@ -96,18 +96,25 @@ CASES = [(m, s, o) for m in SCHEMES for s, o in zip(SCHEMES[m], ["sgd_momentum_w
 CASES += [("transformer", "mixed", "adamw"), ("convnet", "channels", "adamw"), ("mlp", "channels", "sgd_momentum_wd")]
 
 
-@pytest.mark.parametrize("model_name,scheme_name,opt_name", CASES)
+# the transformer cases are the slow ones (5-7 s each): one stays in the quick loop (`-m "not slow"`)
+FAST_TRANSFORMER_CASE = ("transformer", "mixed", "adamw")
+
+
+@pytest.mark.parametrize("model_name,scheme_name,opt_name",
+                         [c if c[0] != "transformer" or c == FAST_TRANSFORMER_CASE else pytest.param(*c, marks=pytest.mark.slow)
+                          for c in CASES])
 def test_k_steps_match_torch_optim(model_name, scheme_name, opt_name):
     run_and_compare(model_name, scheme_name, opt_name, "eager")
 
 
+@pytest.mark.slow      # Inductor compiles each whole step (~30 s each on 2 cores)
 @pytest.mark.parametrize("model_name,scheme_name,opt_name", [("transformer", "mixed", "adamw"),
                                                              ("convnet", "mixed", "sgd_momentum_wd")])
 def test_k_steps_match_torch_optim_inductor(model_name, scheme_name, opt_name):
     run_and_compare(model_name, scheme_name, opt_name, "inductor")
 
 
-@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum_wd"])
+@pytest.mark.parametrize("opt_name", [pytest.param("adamw", marks=pytest.mark.slow), "sgd_momentum_wd"])
 def test_sparse_weights_train_masked_and_keep_their_pattern(opt_name):
     """A sparsified model: each sparse weight is read as weight * mask, so K steps equal torch.optim on the
     masked gradients and pruned entries stay exactly zero (weight decay and momentum included)."""
@@ -139,6 +146,7 @@ def test_optimizer_state_only_for_the_trained_slice():
     assert set(step.state) == {"fc1.weight", "fc2.weight"}
 
 
+@pytest.mark.slow      # ~10 s
 def test_every_update_sits_right_after_its_gradient():
     """fuse_optimizer on its own: each update's nodes follow its gradient at once, and the gradient dies there."""
     from sparsecc.passes.fuse_optimizer import fuse_optimizer
@@ -184,6 +192,7 @@ def test_no_full_size_gradient_for_channels_parameters():
     assert step.report.stats["updates_fused"] == 4
 
 
+@pytest.mark.slow      # ~7 s; test_memory_model_and_measurement checks a measurement in the quick loop
 def test_memory_estimate_within_ten_percent_of_measurement_eager_executor():
     model, _ = make("transformer")
     x, y, loss_fn = data("transformer")
@@ -206,6 +215,7 @@ def test_set_lr_changes_the_update_without_recompiling():
     step(x, y)
     assert all(torch.equal(v, frozen_now[k]) for k, v in model.state_dict().items())
     step.set_lr(0.3)
+    assert step.optimizer.lr == 0.3                    # what a saved artifact's manifest records
     step(x, y)
     ref = torch.optim.SGD(twin.parameters(), lr=0.1)
     for lr in (0.1, 0.0, 0.3):
@@ -284,11 +294,15 @@ def test_bad_inputs():
                                        executor="eager")
     with pytest.raises(sparsecc.ConfigError, match="lr"):
         step.set_lr(-0.5)
-    with pytest.raises(sparsecc.ConfigError, match="tensors"):
+    with pytest.raises(sparsecc.ConfigError, match=r"(?s)structured as .* the step was compiled for"):
         step(x, [1, 2, 3])
+    with pytest.raises(sparsecc.ConfigError, match=r"x is float32 \[7, 11\], the step was compiled for float32 "
+                                                   r"\[7, 12\]; compiling the step for this batch failed"):
+        step(x[:, :11], y)                     # a feature short: fc1 cannot take it
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow      # ~6 s; tests/test_real_models.py trains transformers models too
 def test_transformers_llama_with_keyword_inputs():
     """A transformers model called with a dict of keywords; loss_fn receives its output object."""
     model, (ids,) = make("llama")

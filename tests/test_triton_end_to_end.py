@@ -6,6 +6,7 @@ eager references:
   and in compile_train_step) and compile_train_step's update of the trained channels as sgd_rows / adamw_rows.
 In subprocesses: TRITON_INTERPRET must be set before triton is imported. The structural tests need no interpreter:
 they only compile."""
+import collections
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 import sparsecc
@@ -84,6 +86,7 @@ def kernel_ops(kernels: list[str]) -> set[str]:
     return {re.sub(r"_(fp32|fp16|bf16)_.*", "", k) for k in kernels}
 
 
+@pytest.mark.slow      # ~20 s: a subprocess interpreting every kernel
 def test_sparse_transformer_trains_through_triton_kernels_in_the_interpreter(tmp_path):
     result = run_in_interpreter(SCRIPT, tmp_path)
     assert result["losses"] == pytest.approx(result["ref_losses"], rel=1e-5)
@@ -133,6 +136,7 @@ print(json.dumps(result))
 '''
 
 
+@pytest.mark.slow      # ~12 s: a subprocess interpreting every kernel
 def test_channels_gradients_and_row_updates_run_generated_kernels_in_the_interpreter(tmp_path):
     result = run_in_interpreter(CHANNELS_SCRIPT, tmp_path)
     for run in ("sgd_momentum_wd/eager", "adamw/eager", "adamw/inductor", "backend"):
@@ -170,3 +174,137 @@ def test_cpu_path_graph_stays_pure_aten(monkeypatch):
     code = train_step_graph(monkeypatch, False, sparsecc.AdamW(lr=0.01))
     assert set(re.findall(r"torch\.ops\.(\w+)\.", code)) == {"aten", "sparsecc"}
     assert set(re.findall(r"sparsecc\.(\w+)\.", code)) == {"index_constant"}   # fc1's magnitude-chosen channels
+
+
+# ---- the cost model per device, and the autotuner (no GPU here: GPUs are described, their timings stubbed) -------
+
+def _reference_block_spmm(x, values, dst, src, n_dst):
+    b = values.shape[-1]
+    y = x.new_zeros(x.shape[0], n_dst)
+    for k, (d, s) in enumerate(zip(dst.tolist(), src.tolist())):
+        y[:, d * b:(d + 1) * b] += x[:, s * b:(s + 1) * b] @ values[k].t()
+    return y
+
+
+def _reference_block_sddmm(g, x, rows, cols, b):
+    return torch.stack([g[:, r * b:(r + 1) * b].t() @ x[:, c * b:(c + 1) * b] for r, c in zip(rows.tolist(),
+                                                                                          cols.tolist())])
+
+
+def test_cost_model_times_the_triton_launchers_on_the_triton_path(monkeypatch, tmp_path):
+    """With SPARSECC_TRITON=1 the cost model times the generated kernels' launchers (the sparsecc:: ops dispatch to
+    them), never the C++ kernels, and keeps those timings in a cache file of their own."""
+    from sparsecc import cost_model
+    from sparsecc.codegen import triton as T
+    from sparsecc.ops import native
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSECC_TRITON", "1")
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def launcher(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return launcher
+
+    monkeypatch.setattr(T, "block_spmm", counted("block_spmm", _reference_block_spmm))
+    monkeypatch.setattr(T, "block_sddmm", counted("block_sddmm", _reference_block_sddmm))
+    for name in ("block_spmm", "block_sddmm", "csr_spmm", "csr_sddmm"):
+        monkeypatch.setattr(native, name, lambda *a, **k: pytest.fail("a C++ kernel was timed on the Triton path"))
+    (decision,) = cost_model.decide_all([cost_model.LinearShape(16, 64, 64, torch.float32, "blocks", 16, 0.25)])
+    assert decision.speedup is not None
+    assert calls["block_spmm"] >= 2 * 2 and calls["block_sddmm"] >= 2      # forward, input grad; weight grad
+    (cache,) = tmp_path.glob("cost_model-*.json")
+    monkeypatch.delenv("SPARSECC_TRITON")
+    assert "-triton" in cache.name and cache.name != cost_model._cache_file("cpu").name   # not the C++ kernels' file
+
+
+def _fake_gpu(monkeypatch, tmp_path):
+    """The cost model seeing an H200 as cuda:0 (no CUDA call is made for it)."""
+    from sparsecc import cost_model
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    gpu = cost_model.DeviceInfo("cuda:0", "NVIDIA H200", (9, 0), True, "NVIDIA-H200-cc90-torchX-tritonY")
+    real = cost_model.device_info
+    monkeypatch.setattr(cost_model, "device_info", lambda d=None: gpu if str(d).startswith("cuda") else real(d))
+    return cost_model, gpu
+
+
+def test_gpu_decisions_are_measured_on_the_gpu_never_taken_from_cpu_timings(monkeypatch, tmp_path):
+    cost_model, gpu = _fake_gpu(monkeypatch, tmp_path)
+    monkeypatch.delenv("SPARSECC_TRITON", raising=False)
+    shape = cost_model.LinearShape(4096, 4096, 4096, torch.bfloat16, "blocks", 64, 0.1)
+    cost_model._cache_file().parent.mkdir(parents=True, exist_ok=True)
+    cost_model._cache_file().write_text(json.dumps({shape.key(): [100.0, 1.0]}))   # the CPU: sparse 100x faster
+    measured = []
+    monkeypatch.setattr(cost_model, "measure", lambda s: measured.append(s.device) or (0.25, 0.5))
+    with cost_model.compiling("cuda:0"):               # what the backend sets from CUDA parameters
+        (decision,) = cost_model.decide_all([shape])
+    assert measured == ["cuda:0"]
+    assert not decision.rewrite and "NVIDIA H200" in decision.reason and "0.50x" in decision.reason
+    gpu_cache = json.loads((tmp_path / f"cost_model-{gpu.setup}.json").read_text())
+    assert gpu_cache == {shape.key(): [0.25, 0.5]}
+    assert cost_model.decide_all([shape])[0].rewrite   # outside the compilation: the CPU's own (cached) answer
+
+
+def test_cost_model_refuses_what_cannot_run_on_the_device_with_the_reason(monkeypatch, tmp_path):
+    from sparsecc.ops import semi_structured
+    cost_model, gpu = _fake_gpu(monkeypatch, tmp_path)
+    monkeypatch.setattr(cost_model, "measure", lambda s: pytest.fail("nothing to measure"))
+    (f64,) = cost_model.decide_all([cost_model.LinearShape(64, 64, 64, torch.float64, "blocks", 16, 0.25, "cuda:0")])
+    assert not f64.rewrite and "take float32/float16/bfloat16, not float64" in f64.reason
+    # 2:4 sparse tensor cores: fp16/bf16 on a CUDA GPU only; the reason is in the decision
+    assert "need a CUDA GPU" in semi_structured.available("cpu", torch.bfloat16)[1]
+    assert "float16/bfloat16 operands, not float32" in semi_structured.available("cuda:0", torch.float32)[1]
+    monkeypatch.setattr(cost_model, "measure", lambda s: (1.0, 10.0, "ell"))      # the N:M kernels: 10x slower
+    with cost_model.compiling("cuda:0", {(64, 64): sparsecc.NM(2, 4, transposable=True)}):
+        shape = cost_model.resolve(cost_model.LinearShape(32, 64, 64, torch.float32, "csr", 1, 0.5))
+        (nm,) = cost_model.decide_all([shape])
+    assert shape.pattern == "2:4T" and "nm2:4T" in shape.key()
+    assert not nm.rewrite and "not float32" in nm.reason and "not faster" in nm.reason
+    # on the CPU an N:M weight stays what it always was there: CSR, same cache key
+    with cost_model.compiling("cpu", {(64, 64): sparsecc.NM(2, 4)}):
+        assert cost_model.resolve(cost_model.LinearShape(32, 64, 64, torch.float32, "csr", 1, 0.5)).pattern is None
+
+
+def test_backend_hands_the_parameters_device_and_nm_patterns_to_the_cost_model(monkeypatch, tmp_path):
+    from sparsecc import cost_model
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    seen = []
+    real = cost_model.compiling
+
+    def spy(device, nm_patterns=None):
+        seen.append((str(device), dict(nm_patterns or {})))
+        return real(device, nm_patterns)
+
+    monkeypatch.setattr(cost_model, "compiling", spy)
+    monkeypatch.setattr(cost_model, "measure", lambda s: (s.device == "cpu" or pytest.fail(s.device)) and (2.0, 1.0))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    spec = sparsecc.Sparsity({"0.weight": sparsecc.NM(2, 4, transposable=True), "2.weight": sparsecc.Blocks(8, 0.5)})
+    sparsecc.sparsify(model, spec)
+    compiled = torch.compile(model, backend=sparsecc.backend(sparsity=spec, executor="eager"))
+    compiled(torch.randn(4, 16)).sum().backward()
+    assert seen == [("cpu", {(32, 16): sparsecc.NM(2, 4, transposable=True)})]
+    assert model[0].weight.grad[~model.sparsecc_masks["0.weight"]].abs().max() == 0
+
+
+def test_channels_weight_grad_takes_the_kernel_off_the_gpu():
+    from sparsecc import cost_model
+    g, x = torch.randn(8, 4), torch.randn(8, 6)
+    assert cost_model.channels_choice(g, x, 3, "in", lambda: pytest.fail(), lambda: pytest.fail()) == "kernel"
+
+
+def test_autotuner_times_each_candidate_once_and_keeps_the_fastest_on_disk(monkeypatch, tmp_path):
+    from sparsecc.codegen.triton import tune
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tune, "device_key", lambda device: "FakeGPU-cc90-torchX-tritonY")
+    ms = {"a": 3.0, "b": 1.0, "c": 2.0}
+    monkeypatch.setattr(tune, "time_ms", lambda fn, device, reps=5: ms[fn()])
+    variants = [("a", {"BLOCK_M": 64}), ("b", {"BLOCK_M": 128}), ("c", {"BLOCK_M": 256})]
+    assert tune.pick("block_spmm bf16 b64 N4096", variants, lambda src, cfg: src, torch.device("cpu"))[0] == "b"
+    tune._MEMO.clear()                                 # a new process: the answer comes from the disk cache
+    run = lambda src, cfg: pytest.fail("timed again")  # noqa: E731
+    assert tune.pick("block_spmm bf16 b64 N4096", variants, run, torch.device("cpu")) == variants[1]
+    cached = json.loads(tune.cache_file(torch.device("cpu")).read_text())
+    assert cached == {"block_spmm bf16 b64 N4096": {"BLOCK_M": 128}}
+    monkeypatch.setenv("SPARSECC_TRITON_TUNE", "0")
+    assert tune.pick("other", variants, run, torch.device("cpu")) == variants[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -400,10 +401,55 @@ def plans(name: str) -> dict[str, list]:
     return out
 
 
+def interpreter_only(source) -> bool:
+    """A variant with the interpreter's bf16 upcast (`_up`): code no GPU runs (GPU variants feed bf16 to tl.dot)."""
+    return re.search(r"_up(_|$)", source.name) is not None
+
+
 def compile_jobs(planned: dict[str, list]) -> list[tuple]:
-    """The interpreter's variants for every GPU target, and each target's own variants for it."""
-    return [(s, t) for s in planned["interpreter"] for t in T.TARGETS] + \
+    """The interpreter's variants for every GPU target (but the interpreter-only bf16 upcasts), and each target's
+    own variants for it."""
+    return [(s, t) for s in planned["interpreter"] if not interpreter_only(s) for t in T.TARGETS] + \
         [(s, t) for t in T.TARGETS for s in planned[t]]
+
+
+def production_calls() -> None:
+    """Launcher calls at a model's sizes (4096 tokens): the tiles, warps and stages a GPU runs there, with every
+    tuning candidate. Planned only (operands uninitialised): nothing runs."""
+    n, size = 4096, 512
+    for dtype, b, input_grad in ((torch.bfloat16, 16, False), (torch.bfloat16, 32, False),
+                                 (torch.bfloat16, 64, True), (torch.bfloat16, 128, False), (torch.float32, 64, False)):
+        r = size // b
+        rows, cols = torch.arange(r).repeat_interleave(2), (torch.arange(2 * r) * 3) % r   # 2 blocks per row
+        values, x = torch.empty(2 * r, b, b, dtype=dtype), torch.empty(n, size, dtype=dtype)
+        T.block_spmm(x, values, rows, cols, size)
+        if input_grad:
+            T.block_spmm(x, values.transpose(1, 2), cols, rows, size)
+        if b > 16:
+            T.block_sddmm(x, x, rows, cols, b)
+    x = torch.empty(n, size, dtype=torch.bfloat16)
+    i = to_csr(torch.rand(size, size, generator=torch.Generator().manual_seed(0)) < 0.1)
+    values = torch.empty(i["col"].shape[0], dtype=torch.bfloat16)
+    T.csr_spmm(x, i["crow"], i["col"], values, size)
+    T.csr_spmm(x, i["t_crow"], i["t_col"], values, size, perm=i["t_perm"])
+    T.csr_sddmm(x, x, i["crow"], i["col"])
+    j = torch.arange(size // 2)
+    col2d = (j // 2 * 4 + j % 2).repeat(size, 1)                      # 2:4: places 0 and 1 of every group
+    values2d = torch.empty(size, size // 2, dtype=torch.bfloat16)
+    T.nm_mm(x, values2d, col2d, size, m=4)
+    T.nm_mm_t(x, values2d, col2d, size, m=4)
+    T.nm_sddmm(x, x, col2d, m=4)
+    T.channels_weight_grad(x, x, torch.arange(0, size, 4), "in")
+
+
+@pytest.fixture(scope="module")
+def production_plans() -> dict[str, list]:
+    out = {}
+    for target in T.TARGETS:
+        with T.planned(target) as sources:
+            production_calls()
+        out[target] = sources
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -412,19 +458,60 @@ def planned_cases():
 
 
 @pytest.fixture(scope="module")
-def compiled(interpreter, planned_cases):
-    """(kernel, target) -> compile error or None, for every case, compiled in one process per CPU."""
+def compiled(interpreter, planned_cases, production_plans):
+    """(kernel, target) -> compile error or None, for every case and the production sizes, compiled in one process
+    per CPU. aot_compile fails a variant that spills registers or needs more shared memory than its target has."""
     if imported_for_interpreter():
         pytest.skip("TRITON_INTERPRET=1 was set for the pytest process itself; it cannot compile for GPUs")
-    return T.compile_all([job for planned in planned_cases.values() for job in compile_jobs(planned)])
+    jobs = [job for planned in planned_cases.values() for job in compile_jobs(planned)]
+    jobs += [(s, t) for t, sources in production_plans.items() for s in sources]
+    return T.compile_all(jobs)
 
 
+@pytest.mark.slow      # ~2 CPU-minutes: every variant compiled ahead of time for four GPU targets
 @pytest.mark.parametrize("name", CASES)
 def test_every_variant_compiles_for_gpu_targets(name, compiled, planned_cases):
     jobs = compile_jobs(planned_cases[name])
     assert jobs or name.endswith(("no_blocks", "no_rows")), "only the cases of empty operands launch nothing"
     failures = {f"{s.name} on {t}": compiled[s.name, t] for s, t in jobs if compiled[s.name, t]}
     assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", T.TARGETS)
+def test_production_variants_compile_fit_and_do_not_spill(target, compiled, production_plans):
+    """Every variant (each tuning candidate) a GPU of the target runs at a model's sizes compiles, fits its shared
+    memory and spills no register (aot_compile checks both), block-sparse ones included at b = 16 ... 128."""
+    sources = production_plans[target]
+    kinds = {s.op for s in sources}
+    assert {"block_spmm", "block_sddmm", "csr_spmm", "csr_sddmm", "nm_mm", "channels_wgrad"} <= kinds, kinds
+    if target != "sm_87":                  # the Orin row has alternatives for fewer kernels
+        assert sum(s.op == "block_spmm" for s in sources) >= 2 * 6, "several tuning candidates per call"
+    failures = {s.name: compiled[s.name, target] for s in sources if compiled[s.name, target]}
+    assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
+
+
+def test_aot_rejects_a_spilling_variant_and_reads_resources():
+    """resources() reads registers, spills and shared memory from the compiled kernel (ptxas -v / the AMDGPU
+    metadata); aot_compile turns a spill into AOTError. The spilling kernel: 32 x 64 fp32 FMA tiles, one warp."""
+    if imported_for_interpreter():
+        pytest.skip("TRITON_INTERPRET=1 was set for the pytest process itself")
+    from sparsecc.codegen.triton import aot
+    ok = aot.aot_compile(generate(T.templates.block_spmm("bf16", 64, 64, BLOCK_K=64, GROUP_M=8, num_warps=4,
+                                                          num_stages=3)), "sm_90")
+    used = aot.resources(ok)
+    assert used["spills"] == 0 and 0 < used["registers"] <= 255 and 0 < used["shared"] <= T.SHARED_MEMORY["sm_90"]
+    spilling = generate(T.templates.block_spmm("fp32", 64, 32, BLOCK_K=64, num_warps=1, num_stages=1))
+    with pytest.raises(aot.AOTError, match="spills registers"):
+        aot.aot_compile(spilling, "sm_80")
+
+
+def test_interpreter_ran_split_k_and_multi_block_steps(interpreter):
+    """The interpreted cases reach every branch of the block kernels: several blocks per K step (KB > 1), several
+    blocks per weight-gradient tile (NB > 1), split-K with its fp32 workspace, padded blocks, FMA blocks."""
+    names = " ".join(interpreter.results()["kernels"])
+    for part in ("_KB2", "_NB2", "_split", "block_spmm_fp32_b12", "_fma", "_vt"):
+        assert part in names, part
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -448,12 +535,34 @@ def test_generated_sources_and_cache_files(tmp_path):
     assert (tmp_path / "triton" / f"{source.name}.py") in T.dump_sources(tmp_path)
 
 
+def test_gpu_scripts_exit_cleanly_without_a_gpu(tmp_path):
+    """scripts/gpu_check.py (the one-go GPU check) and the GPU benchmarks parse, run and exit 0 here, saying why
+    nothing was measured."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run scripts/gpu_check.py itself")
+    root = Path(__file__).parents[1]
+    for cmd in (["scripts/gpu_check.py", str(tmp_path / "gpu")], ["benchmarks/bench_gpu_train.py", "--quick"],
+                ["benchmarks/bench_triton.py", "--quick"]):
+        out = subprocess.run([sys.executable, *cmd], cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "no CUDA" in out.stdout, out.stdout
+    assert "no CUDA GPU" in (tmp_path / "gpu" / "summary.txt").read_text()
+
+
 def test_configs_cover_every_kernel_and_target():
     for kernel, rows in T.CONFIGS.items():
         assert set(rows) == {*T.TARGETS, "interpreter"}, kernel
         for target, cfg in rows.items():
             assert {"num_warps", "num_stages"} <= set(cfg), (kernel, target)
             assert any(k.startswith("BLOCK_") for k in cfg), (kernel, target)
+    for kernel, rows in T.configs.TUNING.items():               # alternatives: the same keys as the entry's
+        for target, alternatives in rows.items():
+            assert alternatives and all(set(a) == set(T.CONFIGS[kernel][target]) for a in alternatives), kernel
+    # small calls and the interpreter take the entry alone; model-size calls a few candidates, the entry first
+    assert T.configs.candidates("block_spmm", "interpreter", BLOCK_M=4096) == [T.config("block_spmm", "interpreter")]
+    assert len(T.configs.candidates("block_spmm", "sm_90", BLOCK_M=16)) == 1
+    big = T.configs.candidates("block_spmm", "sm_90", BLOCK_M=4096)
+    assert big[0] == T.config("block_spmm", "sm_90") and 2 <= len(big) <= 4
 
 
 if __name__ == "__main__":

@@ -30,6 +30,17 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_mode(path: Path) -> int:
+    """The mode a plain open(path, "w") would give: the existing file's when overwriting one, else 0666 less the
+    umask (0644 under the usual umask 022)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write(path: str | os.PathLike, manifest: dict, files: dict[str, bytes]) -> None:
     """Write manifest + files to path atomically; manifest['files'] is filled in here."""
     path = Path(path)
@@ -37,6 +48,7 @@ def write(path: str | os.PathLike, manifest: dict, files: dict[str, bytes]) -> N
                 "files": {name: {"sha256": digest(data), "bytes": len(data)} for name, data in files.items()}}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))     # mkstemp makes 0600; an artifact is an ordinary file
         with os.fdopen(fd, "wb") as raw:
             with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as zf:
                 zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True), zipfile.ZIP_DEFLATED)

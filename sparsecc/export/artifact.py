@@ -15,38 +15,52 @@ import dataclasses
 import operator
 import os
 import platform
-import sys
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from torch.utils._pytree import tree_unflatten, treespec_loads
+
+from .. import progress
+from .._torch import uncompiled
 from ..calling import flatten
 from ..config import ConfigError, closest, rule_name
 from . import archive, iree, layouts, programs
 from .archive import ArtifactError
 
-TARGETS = ("host", *iree.TRIPLES)
+TARGETS = ("host", *iree.TRIPLES)     # each architecture also as "arch:cpu", a module tuned for one CPU (iree.CPUS)
 WEIGHTS = "weights.safetensors"
 _FUNCTIONS = ("train_step", "forward")
 
 
 def _program_file(target: str, function: str) -> str:
-    return f"programs/{target}/{function}.{'json' if target == 'host' else 'vmfb'}"
+    """Where a target's function lives: programs/x86_64/train_step.vmfb, and for a tuned module the target with
+    '-' for ':' (programs/x86_64-x86-64-v3/...): architectures have no '-', so the name stays unambiguous."""
+    return f"programs/{target.replace(':', '-')}/{function}.{'json' if target == 'host' else 'vmfb'}"
 
 
 def _check_targets(targets) -> list[str]:
+    """The targets, deduplicated; ConfigError naming a bad one (before anything is exported or compiled)."""
     if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
         raise ConfigError(f"targets must be a non-empty list such as ['host', 'aarch64'], got {targets!r}")
     for t in targets:
-        if t not in TARGETS:
-            raise ConfigError(f"unknown target {t!r}; known: {', '.join(TARGETS)}.{closest(str(t), TARGETS)}")
+        arch, cpu = ("host", None) if t == "host" else iree.split(t)
+        if cpu == iree.HOST and arch != platform.machine():
+            raise ConfigError(f"target {t!r} means the CPU of the machine that saves, but this machine is "
+                              f"{platform.machine()}; for {arch} name one of {', '.join(iree.CPUS[arch])}")
     return list(dict.fromkeys(targets))
 
 
-def _progress(msg: str) -> None:
-    print(f"[sparsecc.save] {msg}", file=sys.stderr, flush=True)
+def check_target(path, manifest: dict, target: str) -> None:
+    """Check the artifact's manifest (ArtifactError when malformed), then that it holds target: a ConfigError
+    naming its targets and suggesting the closest when not."""
+    _check_manifest(path, manifest)
+    if target not in manifest["targets"]:
+        raise ConfigError(f"{path} holds targets {manifest['targets']}, not {target!r}."
+                          f"{closest(str(target), manifest['targets'])} (Re-save with targets=[..., {target!r}] "
+                          f"to add it.)")
 
 
 def _parameter_table(step, updates, layout: dict[str, str], first: dict[str, str]) -> list[dict]:
@@ -72,7 +86,7 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
                               f"(None for a model that computes its own loss from labels=; and update= for a "
                               f"sparse-update scheme) to build its training step; or pass a TrainStep from "
                               f"sparsecc.compile_train_step")
-        step = compile_train_step(getattr(step, "_orig_mod", step), loss_fn, optimizer=optimizer, update=update,
+        step = compile_train_step(uncompiled(step), loss_fn, optimizer=optimizer, update=update,
                                   example_inputs=example_inputs)
     elif not isinstance(step, TrainStep):
         raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step or a model, "
@@ -81,19 +95,20 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
     patterns = getattr(step.model, "sparsecc_patterns", {})
     layout = {n: layouts.name(patterns.get(n)) for n in step.params}
     sparse = {n: m.reshape(-1).nonzero().reshape(-1) for n, m in step.masks.items()}
-    _progress("exporting the training step and the forward pass")
+    progress.say("exporting the training step and the forward pass", "sparsecc.save")
     train = programs.train_step_program(step, x, y, sparse)
     forward = programs.forward_program(step, x, sparse)
     compiled, _ = step._get(x, y)
-    files = {}
+    files, mlir = {}, {}       # each program is lowered to MLIR once, then compiled for every CPU target
     for target in targets:
         for prog in (train, forward):
             if target == "host":
                 files[_program_file(target, prog.name)] = programs.dumps(prog)
             else:
-                _progress(f"compiling {prog.name} for {target} (torch-mlir → iree-compile)")
-                files[_program_file(target, prog.name)] = iree.compile_vmfb(iree.to_mlir(prog.exported, prog.name),
-                                                                            target)
+                progress.say(f"compiling {prog.name} for {target} (torch-mlir → iree-compile)", "sparsecc.save")
+                if prog.name not in mlir:
+                    mlir[prog.name] = iree.to_mlir(prog.exported, prog.name)
+                files[_program_file(target, prog.name)] = iree.compile_vmfb(mlir[prog.name], target)
     tensors = {k: v for prog in (train, forward) for k, v in zip(prog.inputs, prog.example)
                if not k.startswith("input/")}    # each program reads only what its graph uses
     tensors[programs.STEP] = step._step.detach().clone()
@@ -103,6 +118,7 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
     batch, inputs = flatten((x, y))[1], flatten(x)[1]
     manifest = {
         "sparsecc_version": version("sparsecc"), "torch_version": torch.__version__, "targets": targets,
+        "cpu_flags": {t: iree.required_flags(t) for t in targets if ":" in t},    # what load() checks
         "functions": {"train_step": {**train.signature(), "batch_spec": batch.dumps(),
                                      "batch_constants": batch.constants_json()},
                       "forward": {**forward.signature(), "input_spec": inputs.dumps(),
@@ -130,12 +146,24 @@ def _write(path, manifest: dict, files: dict[str, bytes], tensors: dict[str, tor
 _ALLOWED_NAMESPACES = ("aten", "prims")
 
 
-def host_exported(path, name: str, data: bytes) -> torch.export.ExportedProgram:
+def torch_mismatch(manifest: dict) -> str:
+    """"" when the artifact's host programs were saved by this torch's major.minor release, else a sentence
+    saying which torch made them (torch.export's format is only guaranteed within one release)."""
+    saved = str(manifest.get("torch_version", "unknown"))
+    if saved.split(".")[:2] == torch.__version__.split(".")[:2]:
+        return ""
+    return (f"the artifact was saved by torch {saved} and this is torch {torch.__version__}; its host programs "
+            f"may not load: load it with torch {saved}, re-save it with this one, or use an IREE target")
+
+
+def host_exported(path, name: str, data: bytes, manifest: dict) -> torch.export.ExportedProgram:
     """A host program of an artifact, deserialized and checked to call only ATen/prims operators."""
     try:
         exported = programs.loads(data)
     except Exception as e:       # the deserializer's own errors are of many kinds; none runs artifact code
-        raise ArtifactError(f"{path}: {name} is not a valid torch.export program ({type(e).__name__}: {e})") from None
+        mismatch = torch_mismatch(manifest)
+        raise ArtifactError(f"{path}: {name} is not a valid torch.export program ({type(e).__name__}: {e})"
+                            + (f"; {mismatch}" if mismatch else "")) from None
     for node in exported.graph.nodes:
         if node.op == "call_function" and node.target is not operator.getitem \
                 and getattr(node.target, "namespace", None) not in _ALLOWED_NAMESPACES:
@@ -143,8 +171,8 @@ def host_exported(path, name: str, data: bytes) -> torch.export.ExportedProgram:
     return exported
 
 
-def _host_program(path, name: str, data: bytes, executor: str):
-    module = host_exported(path, name, data).module()
+def _host_program(path, name: str, data: bytes, executor: str, manifest: dict):
+    module = host_exported(path, name, data, manifest).module()
     if executor == "inductor":
         module = torch.compile(module, backend="inductor", fullgraph=True)
     return lambda args: list(module(*args))
@@ -164,13 +192,14 @@ class Runner:
         name = _program_file(target, function)
         data = self._files[name]
         if target == "host":
-            return _host_program(self.path, name, data, executor)
+            return _host_program(self.path, name, data, executor, self.manifest)
         n_out = len(self.manifest["functions"][function]["outputs"])
         if tool is None:
-            if target != platform.machine():
-                raise ConfigError(f"target {target!r} is not this machine's ({platform.machine()}); pass "
-                                  f"iree_run_module=sparsecc.export.fetch_iree_run_module({target!r}) to run "
-                                  f"it under qemu-{target}")
+            arch = iree.split(target)[0]
+            if arch != platform.machine():
+                raise ConfigError(f"target {target!r} is not for this machine ({platform.machine()}); pass "
+                                  f"iree_run_module=sparsecc.export.fetch_iree_run_module({arch!r}) to run "
+                                  f"it under qemu-{arch}")
             return iree.InProcess(data, function)
         return iree.CommandLine(data, function, n_out, target, tool)
 
@@ -255,17 +284,20 @@ def load(path, *, target: str = "host", executor: str = "eager",
          iree_run_module: str | os.PathLike | None = None) -> Runner:
     """Load an artifact. target picks the programs: 'host' (torch.export, run by this PyTorch; executor
     'inductor' compiles them with torch.compile on first use, 'eager' runs them op by op) or a CPU target
-    the artifact was saved for (run by IREE: in process on a machine of that architecture, or with the
-    given `iree-run-module` binary, under qemu-user for another architecture)."""
+    the artifact was saved for, spelled as at saving ("x86_64", "x86_64:x86-64-v3", "aarch64:cortex-a76"; run
+    by IREE: in process on a machine of that architecture, or with the given `iree-run-module` binary, under
+    qemu-user for another architecture). A module tuned for a CPU is refused (ConfigError) on a machine whose
+    /proc/cpuinfo lacks a feature it needs (iree.check_cpu), before it could crash with SIGILL."""
     if executor not in ("eager", "inductor"):
         raise ConfigError(f"executor must be 'eager' or 'inductor', got {executor!r}")
     if executor != "eager" and target != "host":
         raise ConfigError(f"executor={executor!r} applies to target='host'; IREE runs the {target} programs")
     manifest, files = archive.read(path)
-    _check_manifest(path, manifest)
-    if target not in manifest["targets"]:
-        raise ConfigError(f"{path} holds targets {manifest['targets']}, not {target!r}; re-save with "
-                          f"targets=[..., {target!r}]")
+    check_target(path, manifest, target)
+    if target == "host" and torch_mismatch(manifest):
+        warnings.warn(f"{path}: {torch_mismatch(manifest)}", stacklevel=2)
+    if target != "host":
+        iree.check_cpu(target, manifest.get("cpu_flags", {}).get(target, []))
     if WEIGHTS not in files:
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
     try:
@@ -296,6 +328,10 @@ def _check_manifest(path, manifest: dict) -> None:
         return ArtifactError(f"{path}: manifest.json field {where} is missing or malformed")
     if not isinstance(manifest.get("targets"), list) or not isinstance(manifest.get("parameters"), list):
         raise bad("'targets'/'parameters'")
+    flags = manifest.get("cpu_flags", {})
+    if not (isinstance(flags, dict) and all(isinstance(v, list) and all(isinstance(f, str) for f in v)
+                                            for v in flags.values())):
+        raise bad("'cpu_flags'")
     for p in manifest["parameters"]:
         if not (isinstance(p, dict) and isinstance(p.get("name"), str) and "tied_to" in p
                 and isinstance(p.get("layout"), str) and isinstance(p.get("shape"), list)):

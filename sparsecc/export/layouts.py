@@ -73,6 +73,8 @@ def expand(layout: str, stored: torch.Tensor, shape) -> torch.Tensor:
         if numel % m or stored.numel() != numel // m * n:
             raise ValueError(f"an nm:{n}:{m} index of a {list(shape)} weight has {numel // m * n} entries, "
                              f"not {stored.numel()}")
+        if stored.numel() and not (0 <= int(stored.min()) and int(stored.max()) < m):
+            raise ValueError(f"an nm:{n}:{m} offset lies outside its group of {m}")
         flat = torch.arange(stored.numel()) // n * m + stored
     else:
         b = nums[0]

@@ -9,17 +9,19 @@ and the runner feeds by. Programs hold no tensors of their own, so their seriali
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._export.serde import serialize as serde
 from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten, treespec_dumps
 
+from .._torch import serde
 from ..config import ConfigError
 from . import layouts
 from ..calling import Structure, call_model, flatten
@@ -65,11 +67,30 @@ def _reshape_not_view(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+@contextlib.contextmanager
+def leafspec_warning_ignored():
+    """Around ExportedProgram.run_decompositions (ours, or torch-mlir's inside fx.export_and_import): it deep-copies
+    the program's module call graph, whose pytree specs hold LeafSpec objects; copying one re-creates a LeafSpec,
+    a class PyTorch 2.13 itself deprecates, so every export would print "FutureWarning: isinstance(treespec,
+    LeafSpec) is deprecated". The copy is inside PyTorch and nothing sparsecc passes avoids it: exactly that
+    warning is ignored, and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        yield
+
+
+def _export(module: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) decomposed to core ATen."""
+    ep = torch.export.export(module, args, strict=False)
+    with leafspec_warning_ignored():
+        return ep.run_decompositions({})
+
+
 def _functional(module: torch.nn.Module, args: list[torch.Tensor]):
     """Export module(*args) as a program with no in-place writes. Returns (program, {output index: input index}
     for the outputs that carry the new value of an input the original wrote in place, the tensors the trace
     created itself — e.g. a torch.tensor(...) in a model's forward — which the program takes after args)."""
-    ep = torch.export.export(module, tuple(args), strict=False).run_decompositions({})
+    ep = _export(module, tuple(args))
     specs = ep.graph_signature.input_specs
     nodes = ep.graph.find_nodes(op="placeholder")
     user = [n for n, sp in zip(nodes, specs) if sp.kind == InputKind.USER_INPUT]
@@ -86,7 +107,7 @@ def _functional(module: torch.nn.Module, args: list[torch.Tensor]):
         user.append(node)
     _reshape_not_view(flat)
     lifted = [t.detach().clone() for _, t in own]
-    pure = torch.export.export(_Call(flat), tuple(args) + tuple(lifted), strict=False).run_decompositions({})
+    pure = _export(_Call(flat), tuple(args) + tuple(lifted))
     _reshape_not_view(pure.graph_module)
     return pure, new_of, lifted
 

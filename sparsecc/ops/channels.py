@@ -43,7 +43,18 @@ def _channels(t: torch.Tensor, index: torch.Tensor | None, k: int, dim: int) -> 
 def channels_weight_grad(g: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None, k: int,
                          dim: str) -> torch.Tensor:
     if use_triton(x):
-        return triton_kernels().channels_weight_grad(g, x, k if index is None else index, dim)
+        def kernel():
+            return triton_kernels().channels_weight_grad(g, x, k if index is None else index, dim)
+        if x.is_cuda:     # on a GPU: the generated kernel or slice + cuBLAS, whichever the cost model measured faster
+            from ..cost_model import channels_choice
+            if channels_choice(g, x, k if index is None else index, dim, kernel,
+                               lambda: _sliced_weight_grad(g, x, index, k, dim)) == "slice+mm":
+                return _sliced_weight_grad(g, x, index, k, dim)
+        return kernel()
+    return _sliced_weight_grad(g, x, index, k, dim)
+
+
+def _sliced_weight_grad(g, x, index, k, dim):
     if dim == "in":
         return g.t() @ _channels(x, index, k, 1)
     return _channels(g, index, k, 1).t() @ x

@@ -95,11 +95,24 @@ def _ell(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.view(rows, t.shape[0] // max(rows, 1))
 
 
+def _sparse_tensor_cores(x: torch.Tensor, n_out: int, n_in: int, n: int, m: int) -> str | None:
+    """How the cost model decided this N:M weight runs on this GPU: "semi"/"semiT" (2:4 sparse tensor cores, see
+    ops/semi_structured.py) or None (the generated N:M kernels)."""
+    if not x.is_cuda:
+        return None
+    from ..cost_model import nm_choice
+    return nm_choice(x.device, x.dtype, n_out, n_in, n, m)
+
+
 @torch.library.custom_op("sparsecc::nm_mm", mutates_args=())
 def nm_mm(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, t_crow: torch.Tensor,
           t_col: torch.Tensor, t_perm: torch.Tensor, n_out: int, m: int) -> torch.Tensor:
     if use_triton(x):
-        return triton_kernels().nm_mm(x, _ell(values, n_out), _ell(col, n_out), n_out, m=m)
+        values2d, col2d = _ell(values, n_out), _ell(col, n_out)
+        if _sparse_tensor_cores(x, n_out, x.shape[1], values2d.shape[1] * m // max(x.shape[1], 1), m):
+            from . import semi_structured
+            return semi_structured.mm(x, values2d, col2d, x.shape[1])
+        return triton_kernels().nm_mm(x, values2d, col2d, n_out, m=m)
     return _spmm(x, values, crow, col, n_out)
 
 
@@ -107,7 +120,11 @@ def nm_mm(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.
 def nm_mm_t(g: torch.Tensor, values: torch.Tensor, col: torch.Tensor, t_crow: torch.Tensor, t_col: torch.Tensor,
             t_perm: torch.Tensor, n_in: int, m: int) -> torch.Tensor:
     if use_triton(g):
-        return triton_kernels().nm_mm_t(g, _ell(values, g.shape[1]), _ell(col, g.shape[1]), n_in, m=m)
+        values2d, col2d = _ell(values, g.shape[1]), _ell(col, g.shape[1])
+        if _sparse_tensor_cores(g, g.shape[1], n_in, values2d.shape[1] * m // max(n_in, 1), m) == "semiT":
+            from . import semi_structured
+            return semi_structured.mm_t(g, values2d, col2d, n_in)
+        return triton_kernels().nm_mm_t(g, values2d, col2d, n_in, m=m)
     return _spmm(g, values, t_crow, t_col, n_in, perm=t_perm)
 
 

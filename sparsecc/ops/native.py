@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .. import progress
+
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -67,7 +69,8 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".kernels-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        with progress.waiting(f"compiling sparsecc's C++ kernels with {Path(cxx).name} (once per machine, into {cache})"):
+            done = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {_SOURCE.name}:\n{done.stderr[-2000:]}")
         os.replace(tmp, lib)  # atomic: another process sees no library or a whole one

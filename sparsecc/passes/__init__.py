@@ -37,3 +37,4 @@ class PassResult:
     name: str
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)      # what was done, per parameter
+    seconds: float = 0.0                                 # how long the pass took (set by the pipeline)

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from .. import cost_model
+from .._torch import FUNCTIONAL_LINEAR, detect_fake_mode
 from ..config import ConfigError
 from ..sparse_weights import LINEAR, SparseWeight, conv1x1, register
 from ..sparsity import Unstructured
 from . import PassResult
 
 NAME = "sparsify"
-_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+_LINEAR = {FUNCTIONAL_LINEAR, torch.nn.functional.linear}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _DTYPES = (torch.float32, torch.float64)
@@ -152,8 +152,9 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
     result = rewrite.result
     rewritten = refused = 0
     flops_saved = 0
+    candidates: list[tuple[Source, fx.Node, str, cost_model.LinearShape]] = []
     for src in sources:
-        sw, extra = src.sw, None
+        sw = src.sw
         for user in list(src.weight.users):
             call, why = _candidate(user, src.weight)
             if call is None:
@@ -167,28 +168,32 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
                 refused += 1
                 continue
             out, inp = sw.mask.shape[0], sw.mask[0].numel()
-            shape = cost_model.LinearShape(_hint(x_val.numel()) // inp, out, inp, x_val.dtype, sw.format,
-                                           sw.block, sw.density)
-            if config.cost_model == "measure":
-                decision = cost_model.decide(shape)
-            else:
-                decision = cost_model.Decision(True, "cost model off: every candidate is rewritten")
-            if not decision.rewrite:
-                result.notes.append(f"{sw.name}: {user.name} ({call}) kept dense: {decision.reason}")
-                refused += 1
-                continue
-            if extra is None:
-                extra = _add_inputs(gm, sw.inputs(), f"{sw.name}_sparse", rewrite)
-            _replace(gm, user, call, src.weight, sw, extra)
-            saved = int(shape.dense_flops * (1 - sw.density))
-            flops_saved += saved
-            rewritten += 1
-            result.notes.append(f"{sw.name}: {user.name} ({call}, {shape.tokens}x{inp}->{out}) -> sparsecc::{sw.op} "
-                                f"[{sw.describe()}], est. fwd+bwd FLOPs saved {saved:,} "
-                                f"({1 - sw.density:.0%}); {decision.reason}")
+            candidates.append((src, user, call, cost_model.LinearShape(_hint(x_val.numel()) // inp, out, inp,
+                                                                       x_val.dtype, sw.format, sw.block, sw.density)))
+    if config.cost_model == "measure":
+        decisions = cost_model.decide_all([shape for *_, shape in candidates])
+    else:
+        decisions = [cost_model.Decision(True, "cost model off: every candidate is rewritten")] * len(candidates)
+    extras: dict[int, list[fx.Node]] = {}
+    for (src, user, call, shape), decision in zip(candidates, decisions):
+        sw = src.sw
+        if not decision.rewrite:
+            result.notes.append(f"{sw.name}: {user.name} ({call}) kept dense: {decision.reason}")
+            refused += 1
+            continue
+        if id(src) not in extras:
+            extras[id(src)] = _add_inputs(gm, sw.inputs(), f"{sw.name}_sparse", rewrite)
+        _replace(gm, user, call, src.weight, sw, extras[id(src)])
+        saved = int(shape.dense_flops * (1 - sw.density))
+        flops_saved += saved
+        rewritten += 1
+        result.notes.append(f"{sw.name}: {user.name} ({call}, {shape.tokens}x{shape.inp}->{shape.out}) -> "
+                            f"sparsecc::{sw.op} [{sw.describe()}], est. fwd+bwd FLOPs saved {saved:,} "
+                            f"({1 - sw.density:.0%}); {decision.reason}")
+    for src in sources:
         if src.mask_input is None:
             _mask_other_uses(gm, src, rewrite)
-        rewrite.sparse_params.add(sw.name)
+        rewrite.sparse_params.add(src.sw.name)
     result.counts.update(sparse_ops=rewritten, sparse_refused=refused, sparse_flops_saved=flops_saved)
     gm.graph.lint()
     gm.recompile()

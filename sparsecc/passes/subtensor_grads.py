@@ -13,6 +13,14 @@ On the Triton path (the parameter on CUDA, or SPARSECC_TRITON=1) a GEMM the sele
 sparsecc::channels_weight_grad, whose generated kernel reads both operands in full through strides: the
 selection stops there, so the forward saves the whole activation instead of a k-channel copy of it.
 On the CPU path the graph stays pure aten.
+
+The table has rules only for ops that can reach this pass. Every joint graph is traced below autograd (so
+reshape, a CompositeImplicitAutograd op, is already view) with Inductor's decompositions (the backend,
+compile_train_step) or core ATen's (portable_graph, for export), and both turn t and transpose into permute,
+_unsafe_view into view and embedding_dense_backward into an accumulating index_put: rules for those could
+never fire (tests/test_subtensor_rules.py checks both tables and reaches every rule left) and were removed.
+Were one of those ops to appear, the selection would stop there and slice the full gradient: correct, only
+not cheaper.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .._torch import detect_fake_mode
 from ..config import Channels, ConfigError
 from ..graph import backward_nodes, call, output_values, set_output_values, val
 from ..ops.channels import on_triton  # (importing sparsecc.ops registers the sparsecc:: ops)
@@ -43,7 +52,7 @@ class _Selector:
     triton: bool                       # GEMMs become sparsecc::channels_weight_grad (a generated kernel)
     reached: list[str] = field(default_factory=list)   # forward tensors selected before being saved
     sliced: list[str] = field(default_factory=list)    # contractions (GEMM, conv, scatter) now computing k channels
-    stops: list[str] = field(default_factory=list)     # where the selection could go no further
+    stops: list[tuple[str, str]] = field(default_factory=list)   # (why, "node (op)") where the selection stopped
 
     def emit_after(self, anchor: fx.Node, target, args, kwargs=None) -> fx.Node:
         with self.gm.graph.inserting_after(anchor):
@@ -70,15 +79,37 @@ class _Selector:
             return self.emit_after(taken, aten.clone.default, (taken,))  # save k channels, not a view of all
         rule = RULES.get(x.target)
         if rule is None:
-            return self.stop(x, dim, f"no slicing rule for {x.target}")
+            return self.stop(x, dim, "no rule")
         if len(x.users) > 1 and x.target not in VIEWS:
-            return self.stop(x, dim, f"{x.name} ({x.target}) is also used elsewhere")
+            return self.stop(x, dim, "shared")
         out = rule(self, x, dim)
-        return out if out is not None else self.stop(x, dim, f"{x.target} cannot be sliced on dim {dim}")
+        return out if out is not None else self.stop(x, dim, f"dim {dim}")
 
-    def stop(self, x: fx.Node, dim: int, reason: str) -> fx.Node:
-        self.stops.append(reason)
+    def stop(self, x: fx.Node, dim: int, why: str) -> fx.Node:
+        self.stops.append((why, f"{x.name} ({x.target})"))
         return self.take(x, dim, x)
+
+
+def why_stopped(stops: list[tuple[str, str]]) -> str:
+    """The reasons the selection stopped, grouped, in words: "add_30 (aten.add.Tensor) and mul_54 (...) also feed
+    other gradients, so they are needed in full; sparsecc has no rule restricting expand_2 (...) to channels"."""
+    groups: dict[str, list[str]] = {}
+    for why, what in stops:
+        if what not in groups.setdefault(why, []):
+            groups[why].append(what)
+
+    def listed(items, word="and"):
+        return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
+    parts = []
+    if "shared" in groups:
+        one = len(groups["shared"]) == 1
+        parts.append(f"{listed(groups['shared'])} also feed{'s' if one else ''} other gradients, so "
+                     f"{'it is' if one else 'they are'} needed in full")
+    if "no rule" in groups:
+        parts.append(f"sparsecc has no rule restricting {listed(groups['no rule'], 'or')} to some channels")
+    for why in sorted(w for w in groups if w.startswith("dim ")):
+        parts.append(f"{listed(groups[why], 'or')} cannot be restricted to channels of its {why}")
+    return "; ".join(parts)
 
 
 def channel_selection(x: fx.Node, dim: int, k: int, index: fx.Node | None) -> tuple:
@@ -103,18 +134,6 @@ def _permute(s, x, d):
     src, dims = x.args
     j = dims[d] % len(dims)
     return s.emit_after(x, x.target, (s.select(src, j), dims))
-
-
-def _transpose(s, x, d):
-    src, a, b = x.args
-    rank = len(_shape(x))
-    a, b = a % rank, b % rank
-    j = b if d == a else a if d == b else d
-    return s.emit_after(x, x.target, (s.select(src, j), a, b))
-
-
-def _t(s, x, d):
-    return s.emit_after(x, x.target, (s.select(x.args[0], 1 - d),))
 
 
 def _view(s, x, d):
@@ -212,18 +231,27 @@ def _index_put_accumulate(s, x, d):
     return s.contraction(new_zeros, x.target, (new_zeros, new_mask, indices, new_values))
 
 
-def _embedding_dense_backward(s, x, d):
-    grad, indices, *rest = x.args
-    if d != 1:
-        return None
-    return s.contraction(x, x.target, (s.select(grad, len(_shape(grad)) - 1), indices, *rest))
-
-
 def _getitem(s, x, d):
     parent, i = x.args
     if parent.target is aten.convolution_backward.default and i == 1:
         return _conv_weight_grad(s, x, parent, d)
+    if parent.target is torch.ops.sparsecc.linear_cross_entropy.default and i == 2:
+        return _fused_loss_weight_grad(s, x, parent, d)
     return None
+
+
+def _fused_loss_weight_grad(s, x, op, d):
+    """The fused output projection + loss computes its weight gradient for k channels itself: the op is
+    changed in place (its other results stay as they were) and x, its weight gradient, becomes [.., k, ..]."""
+    if len(op.args) > 11 and op.args[12] >= 0:
+        return None                                  # already restricted (by a rule for the same weight)
+    op.args = op.args[:11] + (s.index, s.k, d)
+    fake = val(op.args)
+    with detect_fake_mode(fake):
+        op.meta["val"] = op.target(*fake)
+    x.meta["val"] = op.meta["val"][2]
+    s.sliced.append(f"{op.name} (sparsecc::linear_cross_entropy)")
+    return x
 
 
 def _conv_weight_grad(s, x, cb, d):
@@ -245,26 +273,21 @@ def _conv_weight_grad(s, x, cb, d):
     return s.emit_after(new_cb, operator.getitem, (new_cb, 1))
 
 
-VIEWS = {aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default,
-         aten._unsafe_view.default, aten.reshape.default}
+VIEWS = {aten.permute.default, aten.view.default}
 _POINTWISE = [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar,
               aten.div.Scalar, aten.neg.default, aten.clone.default, aten._to_copy.default,
               prims.convert_element_type.default]
 RULES = {
     aten.permute.default: _permute,
-    aten.transpose.int: _transpose,
-    aten.t.default: _t,
     aten.view.default: _view,
-    aten._unsafe_view.default: _view,
-    aten.reshape.default: _view,
     aten.mm.default: _mm,
     aten.bmm.default: _bmm,
     aten.sum.dim_IntList: _sum,
     aten.full.default: _full,
     aten.slice_scatter.default: _slice_scatter,
     aten._unsafe_masked_index_put_accumulate.default: _index_put_accumulate,
-    aten.embedding_dense_backward.default: _embedding_dense_backward,
     operator.getitem: _getitem,
+    aten.alias.default: _pointwise,     # an op's saved result as its backward reads it: the identity
     **{op: _pointwise for op in _POINTWISE},
 }
 
@@ -315,13 +338,17 @@ def subtensor_grads(gm: fx.GraphModule, plan: Plan) -> PassResult:
         if selector.stops and not selector.sliced and not p.sparse:
             raise ConfigError(
                 f"Channels rule on {p.name!r}: sparsecc cannot compute this gradient for a subset of channels of "
-                f"dim {dim} ({'; '.join(selector.stops)}). Use dim='in'/'out' on a linear, conv or embedding "
+                f"dim {dim} ({why_stopped(selector.stops)}). Use dim='in'/'out' on a linear, conv or embedding "
                 f"weight, or train {p.name!r} in 'full'")
         sliced += 1
-        saved = f"; activations selected before saving: {', '.join(selector.reached)}" if selector.reached else ""
-        where = f" in {', '.join(selector.sliced)}" if selector.sliced else ""
-        also = f"; elsewhere the full gradient is sliced ({'; '.join(selector.stops)})" if selector.stops else ""
-        result.notes.append(f"{p.name}: gradient computed for {k}/{p.shape[dim]} channels of dim {dim}{where}{saved}{also}")
+        side = "input" if dim == 1 else "output"
+        where = f" by {', '.join(selector.sliced)}" if selector.sliced else ""
+        saved = (f"; the forward keeps only those channels of {', '.join(selector.reached)} for the backward"
+                 if selector.reached else "")
+        also = (f"; part of it is still computed for all channels and then cut down, because "
+                f"{why_stopped(selector.stops)}" if selector.stops else "")
+        result.notes.append(f"{p.name}: gradient computed for {k} of {p.shape[dim]} {side} channels (dim {dim})"
+                            f"{where}{saved}{also}")
     set_output_values(gm, outs)
     result.counts["grads_sliced"] = sliced
     result.counts["nodes_removed"] = eliminate_dead_code(gm)

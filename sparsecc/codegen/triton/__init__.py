@@ -6,6 +6,8 @@
                    interpreter), and the shape classes that shrink them for small calls
     generator.py   writes a source to $SPARSECC_CACHE_DIR/triton/<hash>.py, imports it, keeps it by name
     launch.py      the launchers below: pick the variant for a call, generate it, run it
+    tune.py        on a real GPU: time the table's few candidates once per (device, dtype, block, shape class)
+                   and keep the fastest on disk
     aot.py         aot_compile: a variant compiled for a GPU target with no GPU present; compile_all: many,
                    in parallel processes
 
@@ -17,8 +19,8 @@ Launchers (same arguments as sparsecc.ops.native's CPU kernels where one exists)
     block_spmm(x, values, dst, src, n_dst)           forward (x, values, rows, cols, n_out);
                                                      input grad (g, values.transpose(1, 2), cols, rows, n_in)
     block_sddmm(g, x, rows, cols, b)                 weight grad at the blocks, [nnzb, b, b]
-    csr_spmm(x, crow, col, values, n_out, perm=None) forward; input grad on W^T's CSR with perm=t_perm
-    csr_sddmm(g, x, crow, col)                       weight grad at the nonzeros, [nnz]
+    csr_spmm(x, crow, col, values, n_out, perm=None) forward; input grad on W^T's CSR with perm=t_perm (row-split)
+    csr_sddmm(g, x, crow, col)                       weight grad at the nonzeros, [nnz] (row-split)
     nm_mm(x, values2d, col2d, n_out, m=M)            N:M in ELL layout [n_out, K], K = n_in * N / M
     nm_mm_t(g, values2d, col2d, n_in, m=M)           its input gradient
     nm_sddmm(g, x, col2d, m=M)                       its weight gradient at the nonzeros, [n_out, K]
@@ -28,12 +30,14 @@ Launchers (same arguments as sparsecc.ops.native's CPU kernels where one exists)
 Run them on CUDA/ROCm tensors, or on CPU tensors with TRITON_INTERPRET=1 set before the first kernel is generated.
 """
 from .aot import GPU_TARGETS, AOTError, aot_compile, compile_all
-from .configs import CONFIGS, SHARED_MEMORY, TARGETS, config
+from . import configs, tune
+from .configs import CONFIGS, SHARED_MEMORY, TARGETS, TUNING, config
 from .generator import Kernel, dump_sources, generated_kernels, generated_sources, interpreting
 from .launch import (adamw_rows, block_sddmm, block_spmm, channels_weight_grad, csr_sddmm, csr_spmm, nm_mm, nm_mm_t,
                      nm_sddmm, planned, sgd_rows, target_of)
 
-__all__ = ["CONFIGS", "GPU_TARGETS", "SHARED_MEMORY", "TARGETS", "AOTError", "Kernel", "adamw_rows", "aot_compile",
+__all__ = ["CONFIGS", "GPU_TARGETS", "SHARED_MEMORY", "TARGETS", "TUNING", "AOTError", "configs", "tune", "Kernel",
+           "adamw_rows", "aot_compile",
            "block_sddmm", "block_spmm", "channels_weight_grad", "compile_all", "config", "csr_sddmm", "csr_spmm",
            "dump_sources", "generated_kernels", "generated_sources", "interpreting", "nm_mm", "nm_mm_t", "nm_sddmm",
            "planned", "sgd_rows", "target_of"]

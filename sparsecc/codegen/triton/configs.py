@@ -11,6 +11,16 @@ CONFIGS[kernel][target] -> {BLOCK_*: tile edge, num_warps, num_stages}. Targets:
 These are documented starting points chosen from the hardware limits above, not measurements: no GPU was
 available when they were written. benchmarks/bench_triton.py measures them on a real device.
 
+TUNING[kernel][target] lists a few alternatives to each entry (other token tiles, warps, stages). On a real GPU
+the launchers time the entry and its alternatives once per (device, dtype, block size, shape class) and keep the
+fastest on disk (tune.py); in the interpreter, and when planning, the entry itself runs. Every alternative is
+compiled ahead of time for its target by the tests, so none spills registers or overflows shared memory.
+Block-sparse kernels (GPU GEMM practice): block_spmm's output tile is [BLOCK_M tokens, b], its K-loop walks the
+block-row's stored blocks BLOCK_K // b at a time (a BLOCK_K-wide step however small b is), pipelined over
+num_stages; programs are launched in groups of GROUP_M token tiles (L2 reuse of the weight blocks and of x).
+block_sddmm's tile is [b, BLOCK_N] (BLOCK_N // b blocks of one block-row sharing their g slice), BLOCK_K tokens
+per step, split over the tokens (split-K, fp32 partials summed once) when there are too few tiles to fill the GPU.
+
 Tile keys follow the GEMM convention of each kernel's output tile [BLOCK_M, BLOCK_N] and its reduction step
 BLOCK_K; each kernel's template says what its rows, columns and reduction are. Shape classes shrink a tile edge
 for a small extent: extents up to 16 get 16 (the smallest tl.dot edge), up to 64 get 64, larger ones the
@@ -34,18 +44,26 @@ def _table(sm_80, sm_87, sm_90, gfx942, interpreter, keys=("BLOCK_M", "BLOCK_N",
 
 
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
-    # block_spmm: output tile [BLOCK_M tokens, b]; one b x b block per step (b is the pattern's).
-    "block_spmm": _table((64, 4, 3), (32, 4, 2), (128, 8, 3), (64, 4, 2), (16, 1, 1), keys=("BLOCK_M",)),
-    # block_sddmm: output tile [b, b] (one block); BLOCK_K tokens per step.
-    "block_sddmm": _table((64, 4, 3), (32, 4, 2), (64, 8, 3), (32, 4, 2), (32, 1, 1), keys=("BLOCK_K",)),
-    # csr_spmm: output [BLOCK_M tokens] of one row; BLOCK_K nonzeros of the row per step.
-    "csr_spmm": _table((64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (16, 16, 1, 1),
-                       keys=("BLOCK_M", "BLOCK_K")),
-    # csr_sddmm: output [BLOCK_N nonzeros] of one row; BLOCK_K tokens per step.
-    "csr_sddmm": _table((32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 16, 1, 1),
+    # block_spmm: output tile [BLOCK_M tokens, b]; BLOCK_K input columns (BLOCK_K // b stored blocks) per step;
+    # programs grouped GROUP_M token tiles at a time.
+    # Its K-loop's loads depend on a loaded index (the block's column), which takes stages of their own: the
+    # compiled kernels keep fewer tiles in flight than num_stages - 1 (b=64, 128-token tiles: sm_90 5 stages ->
+    # 3 buffers, 4 -> 2; sm_80 5 -> 2, 4 -> 1; gfx942 4 -> 2), hence the deeper settings.
+    "block_spmm": _table((128, 64, 8, 4, 5), (64, 32, 8, 4, 5), (128, 64, 8, 8, 5), (128, 64, 8, 4, 4),
+                         (16, 32, 2, 4, 2), keys=("BLOCK_M", "BLOCK_K", "GROUP_M")),
+    # block_sddmm: output tile [b, BLOCK_N] (BLOCK_N // b blocks of one block-row); BLOCK_K tokens per step.
+    "block_sddmm": _table((64, 128, 4, 3), (32, 64, 4, 2), (64, 128, 4, 4), (32, 64, 4, 2), (16, 32, 4, 2),
+                          keys=("BLOCK_K", "BLOCK_N")),
+    # csr_spmm (row-split): output [BLOCK_N tokens] of one sparse row, read from the transposed dense operand;
+    # BLOCK_K nonzeros of the row per step.
+    "csr_spmm": _table((256, 16, 4, 1), (128, 16, 4, 1), (256, 16, 4, 1), (256, 16, 4, 1), (16, 16, 1, 1),
+                       keys=("BLOCK_N", "BLOCK_K")),
+    # csr_sddmm (row-split): output [BLOCK_N nonzeros] of one sparse row; BLOCK_K tokens per step, read from the
+    # transposed dense operands.
+    "csr_sddmm": _table((16, 256, 4, 1), (16, 128, 4, 1), (16, 256, 4, 1), (16, 256, 4, 1), (16, 16, 1, 1),
                         keys=("BLOCK_N", "BLOCK_K")),
     # nm_mm: output [BLOCK_M tokens, BLOCK_N weight rows]; BLOCK_K input columns (whole N:M groups) per step.
-    "nm_mm": _table((64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (128, 64, 64, 8, 3), (64, 64, 32, 4, 2),
+    "nm_mm": _table((64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (128, 64, 64, 8, 3), (64, 64, 32, 4, 2),
                     (16, 16, 16, 1, 1)),
     # nm_mm_t: output [BLOCK_M tokens, BLOCK_N input columns]; BLOCK_K weight rows per step.
     "nm_mm_t": _table((64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (128, 64, 64, 8, 3), (64, 64, 32, 4, 2),
@@ -81,4 +99,88 @@ def config(kernel: str, target: str, **extents: int) -> dict[str, int]:
     cfg = dict(CONFIGS[kernel][target])
     for key, extent in extents.items():
         cfg[key] = min(cfg[key], shape_class(extent))
+    return cfg
+
+
+# FMA dots (fp32 operands in "ieee" precision, the default unless torch allows TF32) keep both operand tiles in
+# registers: the launchers cap their tiles (FMA_CAPS, and configs.fit for the block kernels) so none spills.
+_NM_FMA = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4}
+FMA_CAPS = {"nm_mm": _NM_FMA, "nm_mm_t": _NM_FMA, "nm_sddmm": _NM_FMA,
+            "channels_wgrad": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}}
+
+# Alternatives timed by the autotuner on a real GPU (tune.py), as (tiles..., num_warps, num_stages) in the keys of
+# the kernel's CONFIGS row. Chosen from GPU GEMM practice: 64-256-row token tiles, 4-8 warps, 2-5 stages (Hopper
+# has the shared memory for more stages than Ampere; Triton's AMD pipeliner is tuned for 2).
+_ALTERNATIVES = {
+    "block_spmm": {"sm_80": [(64, 64, 8, 4, 6), (128, 64, 8, 8, 5)],
+                   "sm_87": [(32, 32, 4, 4, 5)],
+                   "sm_90": [(128, 64, 8, 4, 6), (256, 64, 8, 8, 4)],
+                   "gfx942": [(64, 64, 8, 4, 4), (128, 64, 8, 8, 4)]},
+    "block_sddmm": {"sm_80": [(64, 64, 4, 3), (32, 128, 4, 4)],
+                    "sm_87": [(64, 64, 4, 2)],
+                    "sm_90": [(64, 64, 4, 4), (128, 128, 8, 3)],
+                    "gfx942": [(64, 64, 4, 2), (32, 128, 4, 2)]},
+    "csr_spmm": {t: [(128, 32, 4, 1)] for t in ("sm_80", "sm_90", "gfx942")},
+    "csr_sddmm": {t: [(32, 128, 4, 1)] for t in ("sm_80", "sm_90", "gfx942")},
+}
+TUNING: dict[str, dict[str, list[dict[str, int]]]] = {
+    kernel: {target: [dict(zip([k for k in CONFIGS[kernel][target] if k.startswith("BLOCK_") or k == "GROUP_M"],
+                               alt[:-2]), num_warps=alt[-2], num_stages=alt[-1]) for alt in alts]
+             for target, alts in rows.items()}
+    for kernel, rows in _ALTERNATIVES.items()}
+
+# Streaming multiprocessors (CUs on gfx942) per target: how many tiles fill the GPU (split-K decisions). On a
+# real device the launchers ask the device; the interpreter's 4 makes small test shapes exercise split-K.
+SMS = {"sm_80": 108, "sm_87": 16, "sm_90": 132, "gfx942": 304, "interpreter": 4}
+WARP_SIZE = {"sm_80": 32, "sm_87": 32, "sm_90": 32, "gfx942": 64, "interpreter": 32}
+
+
+def candidates(kernel: str, target: str, **extents: int) -> list[dict[str, int]]:
+    """config() and the kernel's alternatives for the target, each shrunk to the call's shape class, without
+    duplicates; the first is the table's entry. The interpreter, and calls whose first extent (the tokens, or the
+    rows of the output) is in a small shape class (<= 64), get the entry alone: small calls are latency-bound and
+    the alternatives differ in the tiles such calls do not fill."""
+    out = [config(kernel, target, **extents)]
+    first = next(iter(extents.values()), 1 << 30)
+    for alt in TUNING.get(kernel, {}).get(target, []) if target != "interpreter" and first > 64 else []:
+        cfg = {**alt}
+        for key, extent in extents.items():
+            cfg[key] = min(cfg[key], shape_class(extent))
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def fit(cfg: dict[str, int], target: str, a_rows: str, a_cols: int, b_cols: int, elt: int,
+        fma_dot: bool = False) -> dict[str, int]:
+    """A GEMM-like config shrunk until its pipeline fits the target: shared memory for num_stages copies of an
+    [a_rows x a_cols] and an [a_cols x b_cols] tile of `elt`-byte elements within 90 % of the target's limit
+    (fewer stages first, then a smaller a_rows tile), and an fp32 accumulator of at most 64 registers per thread
+    (a smaller a_rows tile). `fma_dot`: fp32 tl.dot in "ieee" precision, which runs on the FMA units with both
+    operand tiles in registers: those count too (at most 96 registers per thread for operands and accumulator).
+    Keeps the variants the tests compile from spilling or overflowing on any target (an estimate: Triton keeps up
+    to num_stages - 1 tiles in flight; the tests check the compiled kernels' real use)."""
+    cfg = dict(cfg)
+    if target == "interpreter":
+        return cfg
+    limit = 0.9 * SHARED_MEMORY[target]
+    threads = cfg["num_warps"] * WARP_SIZE[target]
+
+    def smem():
+        return max(1, cfg["num_stages"] - 1) * (cfg[a_rows] * a_cols + a_cols * b_cols) * elt
+
+    while smem() > limit and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    if fma_dot:                         # FMA dots keep their operand tiles in registers: at most 1024 elements
+        cfg[a_rows] = min(cfg[a_rows], max(16, 1024 // a_cols))     # (checked by the tests' ptxas runs)
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
+
+    def regs():
+        tiles = cfg[a_rows] * b_cols + (cfg[a_rows] * a_cols + a_cols * b_cols if fma_dot else 0)
+        return tiles / threads
+
+    while (smem() > limit or regs() > (96 if fma_dot else 64)) and cfg[a_rows] > 16:
+        cfg[a_rows] //= 2
+    if cfg[a_rows] * b_cols <= 2048:    # a small tile (a small call's): one warpgroup is enough
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
     return cfg

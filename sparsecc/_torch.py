@@ -1,0 +1,49 @@
+"""Every private PyTorch API sparsecc relies on, in one module, each with what the use depends on.
+
+Tested with torch 2.11 (the GPU image) and 2.13 (CI); pyproject.toml pins torch below 2.14, the first
+release none of this has been tried with. When a release moves one of these, it breaks here, by name.
+"""
+from __future__ import annotations
+
+import torch
+from torch._decomp import core_aten_decompositions                 # noqa: F401  the core ATen opset's decompositions (artifacts)
+from torch._dynamo.backends.common import aot_autograd             # noqa: F401  AOTAutograd with our fw/bw compilers and partition_fn
+from torch._dynamo.exc import BackendCompilerFailed, Unsupported, UserError   # noqa: F401  .inner_exception; graph-break kinds
+from torch._dynamo.symbolic_convert import InstructionTranslator
+from torch._export.serde import serialize as serde                 # noqa: F401  the artifact program format (JSON, no pickle)
+from torch._functorch import config as functorch_config            # noqa: F401  enable_autograd_cache, force_non_lazy_backward_lowering
+from torch._functorch.aot_autograd import aot_export_module        # noqa: F401  joint graph + signature (inputs_to_parameters,
+#                                                                              buffers_to_mutate, backward_signature.gradients_to_parameters)
+from torch._guards import detect_fake_mode                         # noqa: F401  the FakeTensorMode of a traced graph's values
+from torch._inductor import config as inductor_config              # noqa: F401  layout_optimization (patched off for the step)
+from torch._inductor.compile_fx import compile_fx                  # noqa: F401  config_patches={"custom_partitioner_fn": ...}
+from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook the backend runs the passes in
+from torch._inductor.decomposition import select_decomp_table      # noqa: F401  Inductor's decompositions, for the eager executor too
+from torch._subclasses.fake_tensor import FakeTensorMode           # noqa: F401  one fake mode for re-propagating a rewritten graph
+
+FUNCTIONAL_LINEAR = torch._C._nn.linear      # what F.linear is bound to in graphs Dynamo captured
+
+
+def compiling_frame() -> tuple[dict, dict] | None:
+    """(f_locals, f_globals) of the frame Dynamo is compiling, None outside a compilation; relies on
+    InstructionTranslator.current_tx() being set while a backend runs."""
+    tx = InstructionTranslator.current_tx()
+    return None if tx is None else (tx.f_locals, tx.f_globals)
+
+
+def source_name(placeholder) -> str | None:
+    """Dynamo's source expression of a graph input ("L['self']._modules['fc']._parameters['weight']"), from the
+    placeholder's meta["grapharg"].source.name; None for inputs Dynamo recorded no source for."""
+    grapharg = placeholder.meta.get("grapharg")
+    return None if grapharg is None else grapharg.source.name
+
+
+def memory_timeline(prof) -> list[tuple[int, object, object, int]]:
+    """(time, action, key, bytes) of every allocation event a memory profile recorded; relies on
+    profile._memory_profile().timeline and action.name in CREATE/DESTROY/INCREMENT_VERSION."""
+    return prof._memory_profile().timeline
+
+
+def uncompiled(module):
+    """The module a torch.compile'd OptimizedModule wraps (its _orig_mod), or the module itself."""
+    return getattr(module, "_orig_mod", module)

@@ -1,0 +1,88 @@
+"""Autotuning: on a real GPU, the few configurations of the tuning table (configs.candidates) are timed once per
+(device, dtype, block size, shape class) and the fastest is kept, in memory and on disk.
+
+The disk cache is $SPARSECC_CACHE_DIR/triton/tuning-<device>-torch<v>-triton<v>.json (one file per GPU model and
+library versions, so a driver or compiler upgrade re-tunes). In the interpreter, while planning (tests), with one
+candidate, or with SPARSECC_TRITON_TUNE=0, the table's entry (the first candidate) runs untimed. Each candidate is
+run once to compile and warm up, then timed over a few launches with CUDA events (cost_model.gpu_median_ms); a candidate that fails to compile
+or launch (e.g. out of shared memory on a smaller GPU than its target's) is skipped. Tuning a shape takes a few
+candidates x a few launches, plus Triton's one-time compilation of each candidate (cached by Triton on disk).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+
+from ...cost_model import gpu_median_ms
+from ...progress import say
+
+_MEMO: dict[tuple[str, str], dict] = {}      # (device key, tuning key) -> the chosen config
+BUDGET_MS = 20.0       # timed launches per candidate: as many as fit, 3 to 25
+
+
+def device_key(device: torch.device) -> str:
+    """GPU model, capability and library versions: what a tuning result depends on."""
+    name = torch.cuda.get_device_name(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    return f"{slug}-cc{major}{minor}-torch{torch.__version__}-triton{triton.__version__}"
+
+
+def cache_file(device: torch.device) -> Path:
+    root = Path(os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc")
+    return root / "triton" / f"tuning-{device_key(device)}.json"
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(path: Path, key: str, cfg: dict) -> None:
+    cache = _load(path)
+    cache[key] = cfg
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def enabled() -> bool:
+    return os.environ.get("SPARSECC_TRITON_TUNE", "1") != "0"
+
+
+def pick(key: str, variants: list[tuple[object, dict]], run: Callable[[object, dict], object],
+         device: torch.device) -> tuple[object, dict]:
+    """The (source, config) among variants that runs fastest on the device for the tuning key; measured once
+    (run(source, config) launches one variant), then remembered in memory and on disk."""
+    if len(variants) == 1 or not enabled():
+        return variants[0]
+    dkey = device_key(device)
+    by_cfg = {json.dumps(cfg, sort_keys=True): (src, cfg) for src, cfg in variants}
+    chosen = _MEMO.get((dkey, key))
+    if chosen is None:
+        path = cache_file(device)
+        chosen = _load(path).get(key)
+        if chosen is None or json.dumps(chosen, sort_keys=True) not in by_cfg:
+            times = {}
+            for src, cfg in variants:
+                try:
+                    times[json.dumps(cfg, sort_keys=True)] = gpu_median_ms(lambda: run(src, cfg), device, BUDGET_MS)
+                except Exception:          # noqa: BLE001 - a candidate that cannot run here is just not chosen
+                    continue
+            if not times:
+                return variants[0]
+            best = min(times, key=times.get)
+            chosen = json.loads(best)
+            say(f"tuned {key}: {len(times)} configurations, fastest {times[best]:.3f} ms {best}")
+            _store(path, key, chosen)
+        _MEMO[(dkey, key)] = chosen
+    return by_cfg.get(json.dumps(chosen, sort_keys=True), variants[0])

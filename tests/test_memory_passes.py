@@ -1,0 +1,164 @@
+"""The liveness model, reorder_for_memory and fuse_optimizer's write-back placement, on graphs small enough to
+count by hand: expected bytes are written out in the tests, and numbers are compared with eager PyTorch."""
+from __future__ import annotations
+
+import copy
+
+import networkx as nx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import sparsecc
+from sparsecc.memory import liveness, storage_roots, writes_input
+from sparsecc.passes import Plan
+from sparsecc.passes import reorder_for_memory as rfm
+from sparsecc.pipeline import TRAIN_STEP_PASSES, run_passes
+
+NO_PLAN = Plan((), 1)
+
+
+def names(gm) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+# ---- liveness ---------------------------------------------------------------------------------------------
+
+def test_liveness_bytes_counted_by_hand():
+    """x: 1000 float32 (4000 bytes), w: 1000 float32; graph inputs are resident and not counted."""
+    def f(x, w):
+        t1 = x * 2                 # mul      +4000                                  4000
+        t2 = x * 3                 # mul_1    +4000                                  8000
+        v = t1.view(10, 100)       # view     a view: no bytes, keeps t1 alive       8000
+        r1 = v.sum()               # sum_1    +4; t1's last use, freed after          8004 -> 4004
+        w.mul_(r1)                 # mul_     in place into an input: no bytes       4004
+        r2 = t2.sum()              # sum_2    +4; t2 stays: a view of it is returned  4008
+        out = r1 + r2              # add      +4; r1 and r2 freed after               4012 -> 4004
+        return out, t2[:10]        # slice    a view of t2: no bytes                 4004
+    gm = make_fx(f)(torch.randn(1000), torch.randn(1000))
+    timeline = liveness(gm)
+    assert timeline.names == ["mul", "mul_1", "view", "sum_1", "mul_", "sum_2", "add", "slice_1"]
+    assert timeline.live_bytes == [4000, 8000, 8000, 8004, 4004, 4008, 4012, 4004]
+    assert timeline.peak == 8004
+
+
+# ---- reorder_for_memory -----------------------------------------------------------------------------------
+
+def big_temporary_then_small_residents(x, y):
+    """In this order the peak is the big temporary t alone; the greedy scheduler, preferring small
+    allocations, runs the four residents first and then t on top of them."""
+    t = x * 2                      # 4000 bytes, dies at once
+    r = t.sum()
+    s1, s2, s3, s4 = y + 1, y + 2, y + 3, y + 4    # 400 bytes each, live until the sum at the end
+    return r + s1 + s2 + s3 + s4
+
+
+def test_reorder_keeps_the_order_when_the_schedule_would_raise_the_peak():
+    gm = make_fx(big_temporary_then_small_residents)(torch.randn(1000), torch.randn(100))
+    original = names(gm)
+    # graph order: t 4000, r +4 = 4004 (then t dies); residents 4 + 4 * 400 = 1604, + the first add 2004
+    assert liveness(gm).peak == 4004
+    # greedy order: the residents 1600, t on top 5600, r 5604
+    assert liveness(gm, rfm.schedule(gm)).peak == 5604
+    result = rfm.reorder_for_memory(gm, NO_PLAN)
+    assert names(gm) == original
+    assert result.counts == {"peak_bytes_before": 4004, "peak_bytes_after": 4004}
+    assert liveness(gm).peak == 4004
+
+
+def two_temporaries(x):
+    t1, t2 = x * 2, x * 3          # 4000 bytes each
+    return t1.sum() + t2.sum()
+
+
+def test_reorder_takes_the_schedule_when_it_lowers_the_peak():
+    gm = make_fx(two_temporaries)(torch.randn(1000))
+    assert names(gm) == ["mul", "mul_1", "sum_1", "sum_2", "add"]
+    x = torch.randn(1000)
+    expected = two_temporaries(x)
+    result = rfm.reorder_for_memory(gm, NO_PLAN)
+    # each temporary is reduced before the next is made: 4000 + 4 + 4000 + 4 at most, not 8000 + 4
+    assert names(gm) == ["mul", "sum_1", "mul_1", "sum_2", "add"]
+    assert result.counts == {"peak_bytes_before": 8004, "peak_bytes_after": 4008}
+    assert liveness(gm).peak == 4008
+    torch.testing.assert_close(gm(x), expected)
+
+
+def test_a_read_after_an_in_place_write_stays_after_it():
+    """b reads w after w was overwritten: no schedule may move it before the write."""
+    def f(w, x):
+        a = x * 2
+        w.copy_(a)
+        b = w.sum()                # small, so the greedy scheduler would like it first
+        return b
+    gm = make_fx(f)(torch.randn(1000), torch.randn(1000))
+    order = [n.name for n in rfm.schedule(gm)]
+    write = next(n.name for n in gm.graph.nodes if writes_input(n))
+    assert order.index(write) < order.index("sum_1"), order
+    w, x = torch.randn(1000), torch.randn(1000)
+    rfm.reorder_for_memory(gm, NO_PLAN)
+    torch.testing.assert_close(gm(w, x), (x * 2).sum())
+
+
+def test_a_dependency_cycle_is_an_explicit_error(monkeypatch):
+    """A RuntimeError naming the stuck nodes (it was an assert, which python -O removes)."""
+    gm = make_fx(two_temporaries)(torch.randn(10))
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cyclic = nx.DiGraph()
+    cyclic.add_nodes_from(nodes)
+    cyclic.add_edges_from([(nodes[0], nodes[1]), (nodes[1], nodes[0])])
+    monkeypatch.setattr(rfm, "_dependency_dag", lambda gm, nodes: cyclic)
+    with pytest.raises(RuntimeError, match=r"cycle; 2 nodes could not be scheduled \(first: mul, mul_1\)"):
+        rfm.schedule(gm)
+
+
+# ---- fuse_optimizer: the in-place update goes after the last read of the old value ------------------------
+
+class RightOperand(nn.Module):
+    """w is the right operand of a GEMM: its gradient (tanh(a(x))^T @ g) is computed before the input gradient
+    g @ w^T, which still reads w; a's weight and bias are trained through that input gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return torch.mm(torch.tanh(self.a(x)), self.w)
+
+
+def test_update_is_written_after_a_later_reader_of_the_old_value():
+    torch.manual_seed(0)
+    model, x, y = RightOperand(), torch.randn(6, 5), torch.randn(6, 3)
+    step = sparsecc.compile_train_step(copy.deepcopy(model), F.mse_loss, optimizer=sparsecc.SGD(lr=0.5),
+                                       update=sparsecc.UpdateScheme.full(), example_inputs=(x, y), executor="eager")
+    joint, plan = step.joint_graph(x, y)
+    # every training pass but the scheduler, whose read-before-write edges would repair a misplaced write
+    run_passes(joint, plan, [p for p in TRAIN_STEP_PASSES if p is not rfm.reorder_for_memory])
+
+    nodes = list(joint.graph.nodes)
+    placeholders = joint.graph.find_nodes(op="placeholder")
+    w = placeholders[next(p.index for p in plan.params if p.name == "w")]
+    roots = storage_roots(joint)
+    write = next(n for n in nodes if writes_input(n) and roots[n.args[0]] is w)
+    new_value = write.args[1]
+    readers = [n for n in nodes if n is not write and any(roots[a] is w for a in n.all_input_nodes)]
+    later = [n for n in readers if nodes.index(n) > nodes.index(new_value)]
+    assert later, "the graph must have a read of the old w after its new value exists"
+    assert all(nodes.index(n) < nodes.index(write) for n in readers), [n.name for n in readers]
+
+    params = {p.name: dict(model.named_parameters())[p.name].detach().clone() for p in plan.params}
+    inputs = [params[p.name] for p in sorted(plan.params, key=lambda p: p.index)]
+    inputs += [x, y, torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    assert len(placeholders) == len(inputs)
+    (loss,) = joint(*inputs)                                   # updates params in place
+
+    reference = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_loss = F.mse_loss(model(x), y)
+    ref_loss.backward()
+    reference.step()
+    torch.testing.assert_close(loss, ref_loss.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), msg=lambda m: f"{name}: {m}")
