@@ -44,6 +44,14 @@ def memory_timeline(prof) -> list[tuple[int, object, object, int]]:
     return prof._memory_profile().timeline
 
 
+def functional_collectives():
+    """(all_reduce, wait_tensor): the traceable functional collectives (torch.ops._c10d_functional) that
+    torch.distributed._functional_collectives and DTensor use; all_reduce(t, "sum", group_name) returns a new
+    tensor, valid after wait_tensor. Registered when torch is built with distributed support."""
+    ops = torch.ops._c10d_functional
+    return ops.all_reduce.default, ops.wait_tensor.default
+
+
 def uncompiled(module):
     """The module a torch.compile'd OptimizedModule wraps (its _orig_mod), or the module itself."""
     return getattr(module, "_orig_mod", module)

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from .graph import output_values
 from .passes import PassResult, Plan
+from .passes.all_reduce_gradients import all_reduce_gradients
 from .passes.fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .passes.fuse_optimizer import fuse_optimizer
 from .passes.prune_backward import prune_backward
@@ -26,6 +27,12 @@ TRAIN_STEP_PASSES = PASSES + [
     rematerialize,       # min-cut choice of what backward keeps vs recomputes, in one graph
     fuse_optimizer,      # each update right after its gradient; gradients become new params + state
     reorder_for_memory,  # schedule the whole step for a lower peak of live bytes
+]
+DATA_PARALLEL_STEP_PASSES = PASSES + [   # compile_train_step(..., process_group=...)
+    rematerialize,
+    all_reduce_gradients,  # average the kept gradients (k channels of a Channels weight) over ranks, in buckets
+    fuse_optimizer,
+    reorder_for_memory,
 ]
 
 

@@ -25,7 +25,7 @@ from .config import Channels, Config, ConfigError, rule_name
 from .graph import call, output_values, set_output_values
 from .optim import AdamW, SGD
 from .passes import ParamPlan, Plan
-from .pipeline import CAPTURE_PASSES, TRAIN_STEP_PASSES, readable, run_passes, totals
+from .pipeline import CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, readable, run_passes, totals
 from .report import Report, register
 
 
@@ -105,8 +105,10 @@ class _Compiled:
 class TrainStep:
     """A compiled training step. step(x, y) trains in place and returns the loss."""
 
-    def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs):
+    def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs, comm=None):
         self.model, self.loss_fn, self.optimizer, self.config, self.rules = model, loss_fn, optimizer, config, rules
+        self.comm = comm            # (process group name, world size, bucket bytes) of a data-parallel step
+        self._passes = TRAIN_STEP_PASSES if comm is None else DATA_PARALLEL_STEP_PASSES
         self.params = dict(model.named_parameters(remove_duplicate=False))   # tied weights under every name
         self.masks = {n: m.to(self.params[n].device) for n, m in getattr(model, "sparsecc_masks", {}).items()}
         self.buffers = {**dict(model.named_buffers()),
@@ -197,7 +199,7 @@ class TrainStep:
         self._buffer_names = [b.removeprefix("model.") for b in sig.buffers]
         self._param_names = names
         joint.meta["sparsecc_capture_passes"] = captured_passes
-        return joint, Plan(plans, n_fwd, self.optimizer)
+        return joint, Plan(plans, n_fwd, self.optimizer, self.comm)
 
     def _trained(self, node: fx.Node) -> bool:
         """Whether a node of the captured graph reads a parameter the scheme trains."""
@@ -215,14 +217,14 @@ class TrainStep:
         _, leaves = self._get(x, y)                # compiles (and creates the optimizer state) if needed
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
             joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE})
-        run_passes(joint, plan, TRAIN_STEP_PASSES)
+        run_passes(joint, plan, self._passes)
         return joint, leaves
 
     def _compile(self, leaves, structure: Structure) -> _Compiled:
         seconds = {}
         joint, plan = self._export(leaves, structure, seconds=seconds)
         before = analysis.split_flops(joint, plan.num_fwd_outputs)
-        results, graphs = run_passes(joint, plan, TRAIN_STEP_PASSES)
+        results, graphs = run_passes(joint, plan, self._passes)
         results[:0] = joint.meta["sparsecc_capture_passes"]
         updates = joint.meta["sparsecc_updates"]
         timeline = memory.liveness(joint)
@@ -332,12 +334,18 @@ class TrainStep:
 
 
 def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs, executor="inductor",
-                       fuse_loss=True) -> TrainStep:
+                       fuse_loss=True, process_group=None, bucket_cap_mb=25) -> TrainStep:
     """Compile forward + loss + backward + optimizer update of model into one step.
 
     loss_fn(model_output, y) must return a scalar tensor; loss_fn=None takes the loss the model computes
     itself (a `transformers` model given `labels=`: output.loss). example_inputs is (x, y), or (x,) for a
-    step called as step(x); x is a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    step called as step(x); x is a tensor, a tuple of positional inputs or a dict of keyword inputs.
+
+    process_group (a torch.distributed group, e.g. torch.distributed.group.WORLD): a data-parallel step. Every
+    rank calls it on its own batch (the same size everywhere); the trained gradients — k channels of a Channels
+    weight, nothing of a frozen parameter — are averaged over the group inside the graph, in buckets of
+    bucket_cap_mb issued while backward goes on, before the optimizer update. The step returns the rank's
+    own loss. Such a step cannot be saved as an artifact (artifacts are single-process)."""
     if not isinstance(optimizer, (SGD, AdamW)):
         cls = optimizer if isinstance(optimizer, type) else type(optimizer)
         name = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.optim") else cls.__name__
@@ -350,6 +358,23 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
         raise ConfigError(f"loss_fn must be a function (model output, y) -> scalar tensor, or None for the "
                           f"model's own loss; got {type(loss_fn).__name__}")
     config = Config(update=update, executor=executor, fuse_loss=fuse_loss)
+    comm = _data_parallel(process_group, bucket_cap_mb)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
     x, y = (*example_inputs, None)[:2]
-    return TrainStep(model, loss_fn, optimizer, config, rules, (x, y))
+    return TrainStep(model, loss_fn, optimizer, config, rules, (x, y), comm)
+
+
+def _data_parallel(group, bucket_cap_mb) -> tuple | None:
+    """(group name, world size, bucket bytes) for a process group, None without one; ConfigError when unusable."""
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+        raise ConfigError(f"bucket_cap_mb must be a number > 0 (megabytes per all-reduce bucket), got {bucket_cap_mb!r}")
+    if group is None:
+        return None
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("process_group= needs torch.distributed initialised first (dist.init_process_group(...) "
+                          "on every rank, e.g. under torchrun)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise ConfigError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
+                          f"dist.new_group(...)), got {type(group).__name__}")
+    return group.group_name, dist.get_world_size(group), int(bucket_cap_mb * 2 ** 20)

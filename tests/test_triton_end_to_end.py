@@ -298,7 +298,7 @@ def test_autotuner_times_each_candidate_once_and_keeps_the_fastest_on_disk(monke
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tune, "device_key", lambda device: "FakeGPU-cc90-torchX-tritonY")
     ms = {"a": 3.0, "b": 1.0, "c": 2.0}
-    monkeypatch.setattr(tune, "time_ms", lambda fn, device, reps=5: ms[fn()])
+    monkeypatch.setattr(tune, "gpu_median_ms", lambda fn, device, budget_ms: ms[fn()])
     variants = [("a", {"BLOCK_M": 64}), ("b", {"BLOCK_M": 128}), ("c", {"BLOCK_M": 256})]
     assert tune.pick("block_spmm bf16 b64 N4096", variants, lambda src, cfg: src, torch.device("cpu"))[0] == "b"
     tune._MEMO.clear()                                 # a new process: the answer comes from the disk cache

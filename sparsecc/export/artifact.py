@@ -91,6 +91,10 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
     elif not isinstance(step, TrainStep):
         raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step or a model, "
                           f"got {type(step).__name__}")
+    if step.comm is not None:
+        raise ConfigError("a data-parallel step (compile_train_step(..., process_group=...)) cannot be saved: "
+                          "artifacts are single-process; save a step compiled without process_group (same "
+                          "model and scheme), e.g. on rank 0")
     x, y = (*(step.example_inputs if example_inputs is None else example_inputs), None)[:2]
     patterns = getattr(step.model, "sparsecc_patterns", {})
     layout = {n: layouts.name(patterns.get(n)) for n in step.params}

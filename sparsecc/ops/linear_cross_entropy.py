@@ -36,13 +36,16 @@ def chunked(h, weight, bias, target, reduction: str, ignore_index: int, smoothin
         h_c, valid, safe = h[start:start + chunk], valid_all[start:start + chunk], safe_all[start:start + chunk]
         logits = torch.nn.functional.linear(h_c, weight, bias)
         logits = logits if cast is None else logits.to(cast)
+        picked = logits.gather(1, safe[:, None]).squeeze(1)
+        mean = logits.mean(1) if smoothing else None
         top = logits.amax(1, keepdim=True)
-        e = (logits - top).exp()                         # reused below as the softmax
+        # exp(logits - max), reused below as the softmax; in place, the chunk's one [rows, vocab] buffer
+        e = logits.sub_(top).exp_() if inplace else (logits - top).exp()
         total = e.sum(1, keepdim=True)
         lse = (top + total.log()).squeeze(1)
-        row = lse - logits.gather(1, safe[:, None]).squeeze(1)
+        row = lse - picked
         if smoothing:
-            row = (1 - smoothing) * row + smoothing * (lse - logits.mean(1))
+            row = (1 - smoothing) * row + smoothing * (lse - mean)
         part = torch.where(valid, row, 0).sum()
         loss = part if loss is None else loss + part
         if not (input_grad or weight_grad):
@@ -60,11 +63,9 @@ def chunked(h, weight, bias, target, reduction: str, ignore_index: int, smoothin
         if input_grad:
             d_h.append(grad @ weight)
         if weight_grad:
-            if k < 0:
-                part_w = grad.t() @ h_c
-            else:
-                part_w = grad.t() @ _take(h_c, 1, channels, k) if dim == 1 else _take(grad, 1, channels, k).t() @ h_c
-            d_w = part_w if d_w is None else d_w.add_(part_w) if inplace else d_w + part_w
+            a, b = (grad.t(), h_c if k < 0 else _take(h_c, 1, channels, k)) if k < 0 or dim == 1 else \
+                (_take(grad, 1, channels, k).t(), h_c)
+            d_w = a @ b if d_w is None else d_w.addmm_(a, b) if inplace else d_w + a @ b
             if bias is not None:
                 part_b = grad.sum(0)
                 d_b = part_b if d_b is None else d_b.add_(part_b) if inplace else d_b + part_b

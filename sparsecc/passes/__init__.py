@@ -26,6 +26,7 @@ class Plan:
     params: tuple[ParamPlan, ...]
     num_fwd_outputs: int
     optimizer: object = None        # sparsecc.SGD / AdamW when the graph is a whole training step
+    comm: tuple | None = None       # data-parallel step: (process group name, world size, bucket bytes)
 
     def grad_position(self, p: ParamPlan) -> int:
         """Where the gradient of p sits among the joint graph's flat outputs."""

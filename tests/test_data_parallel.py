@@ -1,0 +1,104 @@
+"""compile_train_step(..., process_group=...): 2 ranks (gloo, CPU, spawned processes) train exactly like one
+process on the global batch, and each step all-reduces exactly the trained elements."""
+import copy
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+from models import make
+from test_train_step import OPTIMIZERS, SCHEMES, reference_steps
+
+WORLD = 2
+
+
+def global_batch(model_name):
+    """(float64 model, x, y, loss_fn) with a global batch that splits evenly over WORLD ranks."""
+    model, _ = make(model_name)
+    model.double()
+    g = torch.Generator().manual_seed(3)
+    if model_name == "mlp":
+        return model, torch.randn(8, 12, generator=g, dtype=torch.float64), \
+            torch.randn(8, 6, generator=g, dtype=torch.float64), F.mse_loss
+    ids = torch.randint(0, 40, (4, 16), generator=g)
+    return model, ids, torch.randint(0, 40, (4, 16), generator=g), \
+        lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path, *args) -> list[tuple[dict, dict]]:
+    """Run dp_worker.py on WORLD ranks; per rank (json record, parameters)."""
+    tests = Path(__file__).parent
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(tests / "dp_worker.py"), str(r), str(WORLD), port,
+                               *map(str, args), str(tmp_path)], cwd=tests, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(WORLD)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [(json.loads((tmp_path / f"rank{r}.json").read_text()),
+             safetensors.torch.load_file(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+
+
+def ideal_bytes(model, scheme) -> int:
+    """The trained elements (k channels of a Channels weight) times the element size."""
+    rules = scheme.resolve(dict(model.named_parameters()))
+    total = 0
+    for name, p in model.named_parameters():
+        rule = rules[name]
+        if rule == "full":
+            total += p.numel() * p.element_size()
+        elif isinstance(rule, sparsecc.Channels):
+            total += p.numel() // p.shape[rule.axis] * rule.count(p.shape[rule.axis]) * p.element_size()
+    return total
+
+
+CASES = [("mlp", "mixed", "adamw", "eager", 25), ("mlp", "channels", "sgd_momentum_wd", "eager", 1e-4),
+         ("transformer", "mixed", "adamw", "eager", 1e-4), ("transformer", "mixed", "adamw", "inductor", 25)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,scheme,opt,executor,bucket_mb", CASES)
+def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, model_name, scheme, opt, executor, bucket_mb):
+    ranks = run_ranks(tmp_path, model_name, scheme, opt, executor, bucket_mb)
+    model, x, y, loss_fn = global_batch(model_name)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = copy.deepcopy(model)
+    ref_losses = reference_steps(ref, x, y, loss_fn, SCHEMES[model_name][scheme], OPTIMIZERS[opt][1], 3)
+    # the global mean loss is the mean of the ranks' local mean losses (equal local batches)
+    mean_losses = torch.tensor([sum(r[0]["losses"][i] for r in ranks) / WORLD for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(mean_losses, torch.stack(ref_losses), rtol=1e-10, atol=1e-12)
+    (_, params0), (_, params1) = ranks
+    rules = SCHEMES[model_name][scheme].resolve(dict(model.named_parameters()))
+    for name, p in ref.named_parameters():
+        assert torch.equal(params0[name], params1[name]), f"{name} differs between the ranks"
+        if rules[name] == "frozen":
+            assert torch.equal(params0[name], initial[name]), f"frozen {name} changed"
+        torch.testing.assert_close(params0[name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
+    counts = ranks[0][0]["counts"]
+    assert counts["bytes_all_reduced"] == ideal_bytes(model, SCHEMES[model_name][scheme])
+    trained = sum(rules[n] != "frozen" for n in rules)
+    assert counts["buckets"] == (1 if bucket_mb >= 1 else trained)       # tiny buckets: one per gradient
+    assert "artifacts are single-process" in ranks[0][0]["save_refused"]
+
+
+def test_a_process_group_needs_torch_distributed_initialised():
+    model, x, y, loss_fn = global_batch("mlp")
+    with pytest.raises(sparsecc.ConfigError, match=r"needs torch.distributed initialised first"):
+        sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(0.1), example_inputs=(x, y),
+                                    process_group=object(), executor="eager")
+    with pytest.raises(sparsecc.ConfigError, match=r"bucket_cap_mb must be a number > 0"):
+        sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(0.1), example_inputs=(x, y),
+                                    bucket_cap_mb=0, executor="eager")
