@@ -11,8 +11,8 @@ import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 
 from . import analysis, cost_model, progress
-from ._torch import CustomPartitionerFn, aot_autograd, compile_fx, functorch_config, select_decomp_table
-from .config import Channels, Config, rule_name
+from ._torch import CustomPartitionerFn, aot_autograd, compile_fx, compiling_frame, functorch_config, select_decomp_table
+from .config import Channels, Config, ConfigError, rule_name
 from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
 from .passes import ParamPlan, Plan
 from .passes.sparsify import Rewrite, sparsify
@@ -93,6 +93,25 @@ class SparseccPartitioner(CustomPartitionerFn):
         return fw, bw
 
 
+def _refuse_unreachable_fsdp(found: dict) -> None:
+    """FSDP2 with fully_shard on submodules: Dynamo breaks the graph at FSDP's hooks and the graphs it compiles
+    read the unsharded parameters as plain tensors, so the scheme would not reach them and the model would
+    train in full. Such a graph (FSDP modules in its frame, no parameter among its inputs) is refused."""
+    frame = compiling_frame()
+    if found or frame is None:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    sharded = sorted({type(m).__name__ for v in frame[0].values() if isinstance(v, torch.nn.Module)
+                      for m in v.modules() if isinstance(m, FSDPModule) and any(True for _ in m.parameters())})
+    if sharded:
+        raise ConfigError(
+            f"backend='sparsecc' cannot apply the update scheme through FSDP2 fully_shard on submodules (this "
+            f"graph runs {', '.join(sharded)} and receives none of its parameters: Dynamo splits the graph at "
+            f"FSDP's hooks, so the model would train in full). Shard only the root module, train data-parallel "
+            f"with sparsecc.compile_train_step(..., process_group=...), or freeze with requires_grad_(False) "
+            f"under FSDP2")
+
+
 def _boxed(gm, example_inputs):
     return make_boxed_func(gm.forward)
 
@@ -100,6 +119,7 @@ def _boxed(gm, example_inputs):
 def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
     """Compile one Dynamo graph under config. Returns the compiled callable."""
     found = dynamo_parameters(gm, example_inputs)
+    _refuse_unreachable_fsdp(found)
     root = dynamo_root_module(gm)
     params = dict(root.named_parameters(remove_duplicate=False)) if root is not None else {}
     complete = bool(params) and all(params.get(n) is p for n, p in found.values())

@@ -105,6 +105,12 @@ class UpdateScheme:
         rule = self.match(name)
         return self.default if rule is None else rule
 
+    def trained(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters of model this scheme trains (in full or some channels), each once: what to give a
+        torch.optim optimizer (safer than `p.grad is not None`, which DDP breaks by zero-filling frozen grads)."""
+        rules = self.resolve(dict(model.named_parameters(remove_duplicate=False)))
+        return [p for n, p in model.named_parameters() if rules[n] != "frozen"]
+
     def resolve(self, params: Mapping[str, torch.Tensor], *, complete: bool = True) -> dict[str, Rule]:
         """Map every parameter name to its rule, validating the scheme against the parameters.
 

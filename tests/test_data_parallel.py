@@ -2,6 +2,7 @@
 process on the global batch, and each step all-reduces exactly the trained elements."""
 import copy
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -102,3 +103,52 @@ def test_a_process_group_needs_torch_distributed_initialised():
     with pytest.raises(sparsecc.ConfigError, match=r"bucket_cap_mb must be a number > 0"):
         sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(0.1), example_inputs=(x, y),
                                     bucket_cap_mb=0, executor="eager")
+
+
+FSDP_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import sparsecc
+from models import MLP
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+scheme = sparsecc.UpdateScheme({"fc3.*": "full"})
+x = torch.randn(4, 12)
+torch.manual_seed(0)
+per_layer = MLP()
+for layer in (per_layer.fc1, per_layer.fc2, per_layer.fc3):
+    fully_shard(layer)
+fully_shard(per_layer)
+try:
+    torch.compile(per_layer, backend="sparsecc", options={"update": scheme})(x).sum().backward()
+    print("PER-LAYER TRAINED")
+except Exception as e:
+    print("PER-LAYER REFUSED", type(e).__name__, str(e).replace(chr(10), " "))
+torch.manual_seed(0)
+root = MLP()
+fully_shard(root)
+torch.compile(root, backend="sparsecc", options={"update": scheme})(x).sum().backward()
+print("ROOT GRADS", sorted(n for n, p in root.named_parameters() if p.grad is not None))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_per_layer_sharding_is_refused_and_root_sharding_keeps_the_scheme():
+    tests = Path(__file__).parent
+    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(free_port())], cwd=tests, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tests)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PER-LAYER TRAINED" not in out.stdout
+    assert "PER-LAYER REFUSED" in out.stdout and "FSDP2 fully_shard on submodules" in out.stdout
+    assert "Shard only the root module" in out.stdout
+    assert "ROOT GRADS ['fc3.bias', 'fc3.weight']" in out.stdout
+
+
+def test_scheme_trained_lists_each_trained_parameter_once_tied_included():
+    model, _ = make("transformer")                    # head.weight is embed.weight
+    scheme = sparsecc.UpdateScheme({"head.weight": "full", "blocks.2.mlp.fc1.weight": sparsecc.Channels(0.25),
+                                    "ln_f.*": "full"})
+    trained = scheme.trained(model)
+    assert [id(p) for p in trained] == [id(model.embed.weight), id(model.blocks[2].mlp.fc1.weight),
+                                        id(model.ln_f.weight), id(model.ln_f.bias)]
