@@ -13,19 +13,13 @@ import torch
 import torch.distributed as dist
 
 import sparsecc
-from test_data_parallel import global_batch
+from test_data_parallel import join_as_rank
 from test_train_step import OPTIMIZERS, SCHEMES
 
 
 def main():
     rank, world, port, model_name, scheme, opt, executor, bucket_mb, out = sys.argv[1:]
-    rank, world = int(rank), int(world)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model, x, y, loss_fn = global_batch(model_name)
-    share = x.shape[0] // world
-    x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+    model, x, y, loss_fn = join_as_rank(int(rank), int(world), port, model_name)
     step = sparsecc.compile_train_step(model, loss_fn, optimizer=OPTIMIZERS[opt][0], update=SCHEMES[model_name][scheme],
                                        example_inputs=(x, y), executor=executor, process_group=dist.group.WORLD,
                                        bucket_cap_mb=float(bucket_mb))

@@ -33,17 +33,28 @@ def global_batch(model_name):
         lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
 
 
+def join_as_rank(rank: int, world: int, port: str, model_name: str):
+    """In a worker process: join the gloo group; (model, this rank's x and y, loss_fn)."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, x, y, loss_fn = global_batch(model_name)
+    share = x.shape[0] // world
+    return model, x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share], loss_fn
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path, *args) -> list[tuple[dict, dict]]:
-    """Run dp_worker.py on WORLD ranks; per rank (json record, parameters)."""
+def run_ranks(tmp_path, *args, worker="dp_worker.py") -> list[tuple[dict, dict]]:
+    """Run the worker script on WORLD ranks; per rank (json record, parameters)."""
     tests = Path(__file__).parent
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(tests / "dp_worker.py"), str(r), str(WORLD), port,
+    procs = [subprocess.Popen([sys.executable, str(tests / worker), str(r), str(WORLD), port,
                                *map(str, args), str(tmp_path)], cwd=tests, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(WORLD)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -152,3 +163,31 @@ def test_scheme_trained_lists_each_trained_parameter_once_tied_included():
     trained = scheme.trained(model)
     assert [id(p) for p in trained] == [id(model.embed.weight), id(model.blocks[2].mlp.fc1.weight),
                                         id(model.ln_f.weight), id(model.ln_f.bias)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,scheme", [("mlp", "mixed"), ("transformer", "channels")])
+def test_ddp_with_the_trained_only_hook_sends_the_trained_elements_and_trains_exactly(tmp_path, model_name, scheme):
+    """torch.compile(DDP(model), backend="sparsecc") + sparsecc.ddp_trained_only: equal to one process on the
+    global batch (plain SGD on scheme.trained(model)), and each step all-reduces exactly the trained elements."""
+    ranks = run_ranks(tmp_path, model_name, scheme, 1, worker="ddp_worker.py")
+    model, x, y, loss_fn = global_batch(model_name)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = copy.deepcopy(model)
+    ref_losses = reference_steps(ref, x, y, loss_fn, SCHEMES[model_name][scheme], OPTIMIZERS["sgd"][1], 3)
+    mean_losses = torch.tensor([sum(r[0]["losses"][i] for r in ranks) / WORLD for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(mean_losses, torch.stack(ref_losses), rtol=1e-10, atol=1e-12)
+    rules = SCHEMES[model_name][scheme].resolve(dict(model.named_parameters()))
+    (_, params0), (_, params1) = ranks
+    for name, p in ref.named_parameters():
+        assert torch.equal(params0[name], params1[name]), f"{name} differs between the ranks"
+        if rules[name] == "frozen":
+            assert torch.equal(params0[name], initial[name]), f"frozen {name} changed"
+        torch.testing.assert_close(params0[name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
+    assert ranks[0][0]["bytes_sent"] == 3 * ideal_bytes(model, SCHEMES[model_name][scheme])
+
+
+def test_the_ddp_hook_refuses_what_is_not_a_ddp_model():
+    model, _ = make("mlp")
+    with pytest.raises(sparsecc.ConfigError, match=r"needs a DistributedDataParallel model, got MLP"):
+        sparsecc.ddp_trained_only(model, SCHEMES["mlp"]["mixed"])

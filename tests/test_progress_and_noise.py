@@ -59,7 +59,7 @@ def test_cost_model_counts_the_shapes_it_measures(monkeypatch, tmp_path, capsys)
     assert [d.rewrite for d in decisions] == [True, True, True]
     err = capsys.readouterr().err
     assert "measuring sparse vs dense 1/2: 64x256->128 float32 blocks32 d=0.1000" in err
-    assert "measuring sparse vs dense 2/2: " in err and "3/" not in err
+    assert "measuring sparse vs dense 2/2: " in err and "dense 3/" not in err
     cost_model.decide_all(shapes)                          # cached now: nothing measured, nothing said
     assert capsys.readouterr().err == ""
 
