@@ -98,7 +98,7 @@ def _refuse_unreachable_fsdp(found: dict) -> None:
     read the unsharded parameters as plain tensors, so the scheme would not reach them and the model would
     train in full. Such a graph (FSDP modules in its frame, no parameter among its inputs) is refused."""
     frame = compiling_frame()
-    if found or frame is None:
+    if found or frame is None or not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule
     sharded = sorted({type(m).__name__ for v in frame[0].values() if isinstance(v, torch.nn.Module)

@@ -298,8 +298,9 @@ def load(path, *, target: str = "host", executor: str = "eager",
         raise ConfigError(f"executor={executor!r} applies to target='host'; IREE runs the {target} programs")
     manifest, files = archive.read(path)
     check_target(path, manifest, target)
-    if target == "host" and torch_mismatch(manifest):
-        warnings.warn(f"{path}: {torch_mismatch(manifest)}", stacklevel=2)
+    mismatch = torch_mismatch(manifest) if target == "host" else ""
+    if mismatch:
+        warnings.warn(f"{path}: {mismatch}", stacklevel=2)
     if target != "host":
         iree.check_cpu(target, manifest.get("cpu_flags", {}).get(target, []))
     if WEIGHTS not in files:

@@ -23,19 +23,12 @@ import torch
 import torch.fx as fx
 
 from .._torch import functional_collectives
-from ..config import Channels
 from ..graph import call, nbytes, output_values, set_output_values
-from . import ParamPlan, PassResult, Plan
+from . import PassResult, Plan
+from .subtensor_grads import channel_part
 
 aten = torch.ops.aten
 NAME = "all_reduce_gradients"
-
-
-def _reduced_value(grad: fx.Node, p: ParamPlan) -> fx.Node:
-    """The node whose value travels: the k-channel part of a sliced Channels gradient, else the gradient."""
-    if isinstance(p.rule, Channels) and grad.meta.get("sparsecc_pass") == "subtensor_grads":
-        return grad.args[0] if grad.target is aten.constant_pad_nd.default else grad.args[2]
-    return grad
 
 
 def _buckets(values: list[fx.Node], order: dict, cap: int) -> list[list[fx.Node]]:
@@ -90,7 +83,8 @@ def all_reduce_gradients(gm: fx.GraphModule, plan: Plan) -> PassResult:
     for p in plan.params:
         grad = outs[plan.grad_position(p)]
         if grad is not None:
-            travelling[grad] = _reduced_value(grad, p)
+            part = channel_part(grad, p)             # a sliced Channels gradient sends its k channels
+            travelling[grad] = grad if part is None else part[0]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     buckets = _buckets(list(dict.fromkeys(travelling.values())), order, cap)
     issued = [_issue(gm, b, group) for b in buckets]
@@ -107,18 +101,11 @@ def all_reduce_gradients(gm: fx.GraphModule, plan: Plan) -> PassResult:
                 new_outs[pos] = averaged[value]
             else:                                     # the Channels gradient pads / scatters the averaged part
                 grad.replace_input_with(value, averaged[value])
-                _after(gm, grad, averaged[value])
+                averaged[value].append(grad)          # after the wait: its other inputs come earlier
     set_output_values(gm, new_outs)
     sent = sum(nbytes(b.meta["val"]) for b in (n.args[0] for n in issued))
     result.counts.update(buckets=len(buckets), bytes_all_reduced=sent)
     result.notes.append(f"gradients averaged over {world} ranks in {len(buckets)} bucket(s): {sent:,} bytes per "
                         f"step, the trained elements only")
     return result
-
-
-def _after(gm: fx.GraphModule, node: fx.Node, dep: fx.Node) -> None:
-    """Move node (and nothing else) after dep when the graph has it earlier (topological order)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    if order[node] < order[dep]:
-        dep.append(node)
 

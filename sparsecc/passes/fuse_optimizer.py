@@ -18,14 +18,13 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from ..config import Channels
 from ..graph import call, inline, output_values, set_output_values
 from ..memory import aliases_input
 from ..ops.channels import on_triton
 from ..optim import SGD
-from . import ParamPlan, PassResult, Plan
+from . import PassResult, Plan
 from .dce import eliminate_dead_code
-from .subtensor_grads import channel_selection
+from .subtensor_grads import channel_part, channel_selection
 
 aten = torch.ops.aten
 NAME = "fuse_optimizer"
@@ -38,15 +37,6 @@ def _new_input(gm: fx.GraphModule, name: str, like: torch.Tensor, shape) -> fx.N
     with like.fake_mode:
         node.meta["val"] = torch.empty(shape, dtype=like.dtype, device=like.device)
     return node
-
-
-def _channel_part(grad: fx.Node, p: ParamPlan) -> tuple[fx.Node, fx.Node | None] | None:
-    """(k-channel gradient, channel index or None for the first k) when subtensor_grads sliced p's gradient."""
-    if not isinstance(p.rule, Channels) or grad.meta.get("sparsecc_pass") != "subtensor_grads":
-        return None
-    if grad.target is aten.constant_pad_nd.default:          # pad(part): the first k channels
-        return grad.args[0], None
-    return grad.args[2], grad.args[1][p.rule.axis]           # index_put(zeros, [.., index], part)
 
 
 def _select(gm: fx.GraphModule, param: fx.Node, axis: int, part: fx.Node, index: fx.Node | None) -> fx.Node:
@@ -82,7 +72,7 @@ def fuse_optimizer(gm: fx.GraphModule, plan: Plan) -> PassResult:
         grad = outs[plan.grad_position(p)]
         if grad is None:
             continue
-        param, part = primals[p.index], _channel_part(grad, p)
+        param, part = primals[p.index], channel_part(grad, p)
         g = grad if part is None else part[0]
         shape = tuple(g.meta["val"].shape)
         state = [_new_input(gm, f"{name}_{p.name.replace('.', '_')}", g.meta["val"], shape) for name in opt.state_names]

@@ -112,6 +112,16 @@ def why_stopped(stops: list[tuple[str, str]]) -> str:
     return "; ".join(parts)
 
 
+def channel_part(grad: fx.Node, p: ParamPlan) -> tuple[fx.Node, fx.Node | None] | None:
+    """(k-channel gradient, channel index or None for the first k) when this pass sliced p's gradient (the
+    output is then pad(part) or index_put(zeros, [.., index], part)), else None."""
+    if not isinstance(p.rule, Channels) or grad.meta.get("sparsecc_pass") != NAME:
+        return None
+    if grad.target is aten.constant_pad_nd.default:          # pad(part): the first k channels
+        return grad.args[0], None
+    return grad.args[2], grad.args[1][p.rule.axis]           # index_put(zeros, [.., index], part)
+
+
 def channel_selection(x: fx.Node, dim: int, k: int, index: fx.Node | None) -> tuple:
     """(op, args) selecting the channels of x on dim: a slice view of the first k, or a copy at the index.
     aten.index, not index_select: the graph is already decomposed for Inductor, which lowers index."""
