@@ -19,7 +19,7 @@ from torch._inductor import config as inductor_config              # noqa: F401 
 from torch._inductor.compile_fx import compile_fx                  # noqa: F401  config_patches={"custom_partitioner_fn": ...}
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook the backend runs the passes in
 from torch._inductor.decomposition import select_decomp_table      # noqa: F401  Inductor's decompositions, for the eager executor too
-from torch._subclasses.fake_tensor import FakeTensorMode           # noqa: F401  one fake mode for re-propagating a rewritten graph
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode   # noqa: F401  DDPOptimizer's inputs; one fake mode for a rewritten graph
 
 FUNCTIONAL_LINEAR = torch._C._nn.linear      # what F.linear is bound to in graphs Dynamo captured
 
@@ -55,3 +55,36 @@ def functional_collectives():
 def uncompiled(module):
     """The module a torch.compile'd OptimizedModule wraps (its _orig_mod), or the module itself."""
     return getattr(module, "_orig_mod", module)
+
+
+def unwrapped(module):
+    """The user's own model under any stack of torch.compile (OptimizedModule._orig_mod) and DDP (.module)
+    wrappers: the module whose parameter names update schemes use. FSDP2's fully_shard changes a module's
+    class in place and keeps its names, so there is nothing to strip."""
+    from torch.nn.parallel import DistributedDataParallel
+    while True:
+        inner = module.module if isinstance(module, DistributedDataParallel) else uncompiled(module)
+        if inner is module:
+            return module
+        module = inner
+
+
+def active_ddp():
+    """The DistributedDataParallel whose forward is running (Dynamo compiles inside it, in either wrap order),
+    or None; relies on DistributedDataParallel._get_active_ddp_module, which DDPOptimizer reads too."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel._get_active_ddp_module()
+
+
+def ddp_ignored(param) -> bool:
+    """Whether DDP leaves this parameter out (set by ddp_ignore below: param._ddp_ignored)."""
+    return getattr(param, "_ddp_ignored", False)
+
+
+def ddp_ignore(module, names: list[str]) -> None:
+    """Make a DistributedDataParallel built on module afterwards leave these parameters out of its reducer (no
+    gradient bucket, no all-reduce, no broadcast) and make Dynamo's DDPOptimizer skip them when it splits the
+    graph by buckets; relies on DistributedDataParallel._set_params_and_buffers_to_ignore_for_model, the
+    "ignore" list DDP reads at construction (param._ddp_ignored for DDPOptimizer)."""
+    from torch.nn.parallel import DistributedDataParallel
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)

@@ -11,8 +11,10 @@ import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 
 from . import analysis, cost_model, progress
-from ._torch import CustomPartitionerFn, aot_autograd, compile_fx, compiling_frame, functorch_config, select_decomp_table
+from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame,
+                     ddp_ignored, functorch_config, select_decomp_table)
 from .config import Channels, Config, ConfigError, rule_name
+from .distributed import fsdp_sharded
 from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
 from .passes import ParamPlan, Plan
 from .passes.sparsify import Rewrite, sparsify
@@ -43,13 +45,14 @@ class SparseccPartitioner(CustomPartitionerFn):
     """Runs the pass pipeline on the joint graph, then min-cut partitions it; records a Report."""
 
     def __init__(self, params: dict[int, tuple[str, torch.Tensor, object]], n_inputs: int, rewrite: Rewrite):
-        self.params = params          # Dynamo input index -> (name, parameter, rule)
+        # Dynamo input index -> (name, shape, rule); no tensors: Inductor's graph cache deep-copies this object
+        self.params = {i: (n, tuple(p.shape), r) for i, (n, p, r) in params.items()}
         self.indices = {i: r.indices(p) for i, (_, p, r) in params.items() if isinstance(r, Channels)}
         self.n_inputs = n_inputs
         self.rewrite = rewrite        # what sparsify did to Dynamo's graph before AOTAutograd traced it
 
     def uuid(self):
-        key = repr(sorted((i, n, tuple(p.shape), rule_name(r)) for i, (n, p, r) in self.params.items()))
+        key = repr(sorted((i, n, shape, rule_name(r)) for i, (n, shape, r) in self.params.items()))
         key += repr(self.rewrite.result.notes)
         return hashlib.sha256(key.encode()).hexdigest()
 
@@ -60,10 +63,10 @@ class SparseccPartitioner(CustomPartitionerFn):
                 f"the joint graph has {len(primals)} primal inputs but Dynamo passed {self.n_inputs}; "
                 f"sparsecc cannot tell which input is which parameter")
         plans = []
-        for i, (name, param, rule) in self.params.items():
+        for i, (name, want, rule) in self.params.items():
             shape = tuple(primals[i].meta["val"].shape)
-            if shape != tuple(param.shape):
-                raise UnsupportedGraphError(f"joint input {i} has shape {shape}, but {name} has {tuple(param.shape)}")
+            if shape != want:
+                raise UnsupportedGraphError(f"joint input {i} has shape {shape}, but {name} has {want}")
             plans.append(ParamPlan(name, i, rule, shape, self.indices.get(i), name in self.rewrite.sparse_params))
         return Plan(tuple(plans), num_fwd_outputs)
 
@@ -98,11 +101,9 @@ def _refuse_unreachable_fsdp(found: dict) -> None:
     read the unsharded parameters as plain tensors, so the scheme would not reach them and the model would
     train in full. Such a graph (FSDP modules in its frame, no parameter among its inputs) is refused."""
     frame = compiling_frame()
-    if found or frame is None or not torch.distributed.is_available():
+    if found or frame is None:
         return
-    from torch.distributed.fsdp import FSDPModule
-    sharded = sorted({type(m).__name__ for v in frame[0].values() if isinstance(v, torch.nn.Module)
-                      for m in v.modules() if isinstance(m, FSDPModule) and any(True for _ in m.parameters())})
+    sharded = sorted({n for v in frame[0].values() if isinstance(v, torch.nn.Module) for n in fsdp_sharded(v)})
     if sharded:
         raise ConfigError(
             f"backend='sparsecc' cannot apply the update scheme through FSDP2 fully_shard on submodules (this "
@@ -110,6 +111,28 @@ def _refuse_unreachable_fsdp(found: dict) -> None:
             f"FSDP's hooks, so the model would train in full). Shard only the root module, train data-parallel "
             f"with sparsecc.compile_train_step(..., process_group=...), or freeze with requires_grad_(False) "
             f"under FSDP2")
+
+
+def _refuse_ddp_reducing_frozen(params: dict, rules: dict) -> None:
+    """Under a DistributedDataParallel built by hand, DDP all-reduces the frozen parameters' gradients too and
+    fills their .grad with zeros (weight decay would then change them): refused, with the fix."""
+    ddp = active_ddp()
+    if ddp is None:
+        return
+    reduced = [n for n, p in params.items() if rules.get(n) == "frozen" and p.requires_grad and not ddp_ignored(p)]
+    if reduced:
+        raise ConfigError(
+            f"this DistributedDataParallel would all-reduce the gradients of {len(reduced)} frozen parameters "
+            f"({', '.join(reduced[:3])}{', ...' if len(reduced) > 3 else ''}) and give them zero .grad, which "
+            f"weight decay then applies; build it with sparsecc.data_parallel(model, scheme, **ddp_kwargs), "
+            f"which leaves them out and communicates only the trained elements")
+
+
+def _same(param, value) -> bool:
+    """Whether a graph input is this parameter: the parameter itself, or (when Dynamo's DDPOptimizer compiles
+    the graph split by DDP's buckets, on fake inputs) a fake tensor of its shape and dtype."""
+    return param is value or (param is not None and isinstance(value, FakeTensor)
+                              and (value.shape, value.dtype) == (param.shape, param.dtype))
 
 
 def _boxed(gm, example_inputs):
@@ -122,12 +145,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
     _refuse_unreachable_fsdp(found)
     root = dynamo_root_module(gm)
     params = dict(root.named_parameters(remove_duplicate=False)) if root is not None else {}
-    complete = bool(params) and all(params.get(n) is p for n, p in found.values())
+    complete = bool(params) and all(_same(params.get(n), p) for n, p in found.values())
     if not complete:
         warnings.warn("sparsecc: could not find the one module this graph's parameters belong to; the update "
                       "scheme is applied to the graph's own parameters without checking that every pattern matches")
         params = {name: p for name, p in found.values()}
     rules = config.scheme.resolve(params, complete=complete)
+    _refuse_ddp_reducing_frozen(params, rules)
     before, gm = readable(gm), dynamo_copy(gm)    # Dynamo reads its own graph again after we return
     # the cost model measures on the parameters' device (their N:M patterns tell it which kernels those run)
     device = next((p.device for _, p in found.values()), None)
@@ -137,7 +161,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
     if rewrite.extra_inputs:
         rewrite.graphs = {"dynamo/input": before, "dynamo/after sparsify": readable(gm)}
     inputs = list(example_inputs) + rewrite.extra_inputs
-    partitioner = SparseccPartitioner({i: (n, p, rules[n]) for i, (n, p) in found.items()}, len(inputs), rewrite)
+    # the real parameters (Channels(select="magnitude") reads their values), also where Dynamo passed fakes
+    partitioner = SparseccPartitioner({i: (n, params.get(n, p), rules[n]) for i, (n, p) in found.items()},
+                                      len(inputs), rewrite)
     what = "Inductor: usually 10-90 s" if config.executor == "inductor" else "eager executor"
     name = type(root).__name__ if root is not None else "graph"
     # the backward is compiled now, not at the first .backward() (AOTAutograd's default): the whole wait happens

@@ -124,7 +124,7 @@ class UpdateScheme:
             for pattern in self.rules:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     raise ConfigError(f"UpdateScheme pattern {pattern!r} matches no parameter."
-                                      f"{closest(pattern, names) or where_parameters_live(names)}")
+                                      f"{_wrapper_prefix(pattern, names) or closest(pattern, names) or where_parameters_live(names)}")
         aliases: dict[int, list[str]] = {}
         for name, tensor in params.items():
             aliases.setdefault(id(tensor), []).append(name)
@@ -150,6 +150,16 @@ class UpdateScheme:
     def describe(self) -> str:
         body = ", ".join(f"{p!r}: {r!r}" for p, r in self.rules.items())
         return f"UpdateScheme({{{body}}}, default={self.default!r})"
+
+
+def _wrapper_prefix(pattern: str, names: list[str]) -> str:
+    """The hint for a pattern written with a wrapper's prefix (DDP's "module.", torch.compile's "_orig_mod.")."""
+    for prefix in ("module.", "_orig_mod."):
+        rest = pattern.removeprefix(prefix)
+        if rest != pattern and any(fnmatch.fnmatchcase(n, rest) for n in names):
+            return (f" Patterns name the model's own parameters, whatever wraps it (DDP, torch.compile): "
+                    f"write {rest!r}, without {prefix!r}.")
+    return ""
 
 
 _EXECUTORS = ("inductor", "eager")

@@ -1,30 +1,26 @@
-"""DDP that communicates only what trains: a communication hook (DDP's own extension point) for a model trained
-under an update scheme, e.g. torch.compile(DDP(model), backend="sparsecc", options={"update": scheme}).
+"""DDP that communicates only what trains, through DDP's own extension points, for a model trained under an
+update scheme with torch.compile(..., backend="sparsecc", options={"update": scheme}).
 
-DDP all-reduces a bucket of every parameter's gradient; under a scheme most of them are zeros (frozen
-parameters, and the channels outside a Channels slice). The hook packs, per bucket, only the trained elements
-(whole "full" parameters, the k channels of a Channels weight), all-reduces that, averages it and writes it
-back into the bucket; everything else in the bucket stays zero on every rank, so the result equals DDP's own
-average. Frozen parameters still end with a zero `.grad` (DDP fills them): give the optimizer
-scheme.trained(model), not the parameters whose .grad is set.
+sparsecc.data_parallel(model, scheme) builds the DistributedDataParallel: frozen parameters are left out of
+its reducer (DDP's ignore list), so they are never reduced and their .grad stays None; a communication hook
+packs, per bucket, only the trained elements of the rest (whole "full" parameters, the k channels of a
+Channels weight), all-reduces that, averages it and writes it back into the bucket; everything else in the
+bucket stays zero on every rank, so the result equals DDP's own average. A DDP built by hand around a model
+with frozen parameters is refused by the backend (it would reduce them and zero-fill their .grad).
 """
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+from ._torch import ddp_ignore, unwrapped
 from .config import Channels, ConfigError, UpdateScheme
 
 
 class TrainedOnlyHook:
     """State of the hook: which elements of which parameter travel, and the bytes sent so far."""
 
-    def __init__(self, ddp, scheme: UpdateScheme):
-        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-            raise ConfigError(f"sparsecc.ddp_trained_only needs a DistributedDataParallel model, got "
-                              f"{type(ddp).__name__}")
-        if not isinstance(scheme, UpdateScheme):
-            raise ConfigError(f"sparsecc.ddp_trained_only needs an UpdateScheme, got {type(scheme).__name__}")
-        model = ddp.module                        # patterns use the model's own names, not DDP's "module."
-        rules = scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
+    def __init__(self, ddp: DistributedDataParallel, rules: dict):
+        model = unwrapped(ddp)                    # patterns use the model's own names, not "module._orig_mod."
         self.parts: dict[int, tuple | None] = {}  # id(parameter) -> None (all of it) or (axis, channel index)
         for name, p in model.named_parameters():
             rule = rules[name]
@@ -51,11 +47,7 @@ def _pieces(state: TrainedOnlyHook, bucket) -> list[tuple[torch.Tensor, tuple | 
 
 
 def _hook(state: TrainedOnlyHook, bucket) -> torch.futures.Future[torch.Tensor]:   # DDP checks this annotation
-    pieces = _pieces(state, bucket)
-    if not pieces:                                 # a bucket of frozen parameters: nothing to send
-        fut = torch.futures.Future()
-        fut.set_result(bucket.buffer())
-        return fut
+    pieces = _pieces(state, bucket)                # never empty: frozen parameters are not in DDP's buckets
     flat = torch.cat([(g if part is None else g.index_select(part[0], part[1])).reshape(-1) for g, part in pieces])
     state.bytes_sent += flat.numel() * flat.element_size()
     work = dist.all_reduce(flat, group=state.group, async_op=True)
@@ -76,9 +68,35 @@ def _hook(state: TrainedOnlyHook, bucket) -> torch.futures.Future[torch.Tensor]:
     return work.get_future().then(unpack)
 
 
-def ddp_trained_only(ddp, scheme: UpdateScheme) -> TrainedOnlyHook:
-    """Register the hook on a DistributedDataParallel model (before its first step); returns its state, whose
-    bytes_sent counts the bytes all-reduced so far."""
-    state = TrainedOnlyHook(ddp, scheme)
-    ddp.register_comm_hook(state, _hook)
-    return state
+def data_parallel(model, scheme: UpdateScheme, **ddp_kwargs) -> DistributedDataParallel:
+    """DistributedDataParallel(model, **ddp_kwargs) that communicates only what scheme trains. model is the
+    model itself or torch.compile(model, backend="sparsecc", ...) (both wrap orders work); scheme names the
+    model's own parameters. Frozen parameters are left out of DDP: never reduced, .grad stays None under the
+    sparsecc backend, and not broadcast by DDP, so they are copied from the group's first rank here, once.
+    The hook's state (bytes_sent) is the returned module's `sparsecc_comm`."""
+    if isinstance(model, DistributedDataParallel):
+        raise ConfigError("sparsecc.data_parallel wraps the model in DistributedDataParallel itself; pass the "
+                          "model (or torch.compile(model, ...)), not a DDP")
+    if not isinstance(scheme, UpdateScheme):
+        raise ConfigError(f"sparsecc.data_parallel needs an UpdateScheme, got {type(scheme).__name__}")
+    rules = scheme.resolve(dict(unwrapped(model).named_parameters(remove_duplicate=False)))
+    frozen = {id(p) for n, p in unwrapped(model).named_parameters(remove_duplicate=False) if rules[n] == "frozen"}
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in frozen]
+    group = ddp_kwargs.get("process_group") or dist.group.WORLD
+    with torch.no_grad():
+        for p in dict.fromkeys(p for p in model.parameters() if id(p) in frozen):
+            dist.broadcast(p, src=dist.get_global_rank(group, 0), group=group)
+    ddp_ignore(model, names)
+    ddp = DistributedDataParallel(model, **ddp_kwargs)
+    ddp.sparsecc_comm = TrainedOnlyHook(ddp, rules)
+    ddp.register_comm_hook(ddp.sparsecc_comm, _hook)
+    return ddp
+
+
+def fsdp_sharded(module) -> list[str]:
+    """The class names of the FSDP2 fully_shard'ed modules under module that hold parameters."""
+    if not dist.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+    return sorted({type(m).__name__ for m in module.modules()
+                   if isinstance(m, FSDPModule) and any(True for _ in m.parameters())})

@@ -14,14 +14,16 @@ import torch
 import torch.fx as fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.nn.parallel import DistributedDataParallel
 
 from . import analysis, memory, progress
 from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_decompositions, inductor_config,
-                     select_decomp_table)
+                     select_decomp_table, uncompiled, unwrapped)
 from .calling import Structure, call_model, flatten, leaf_names, model_loss
 from .capture import capture
 from .ops import linear_cross_entropy
 from .config import Channels, Config, ConfigError, rule_name
+from .distributed import fsdp_sharded
 from .graph import call, output_values, set_output_values
 from .optim import AdamW, SGD
 from .passes import ParamPlan, Plan
@@ -345,7 +347,10 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     rank calls it on its own batch (the same size everywhere); the trained gradients — k channels of a Channels
     weight, nothing of a frozen parameter — are averaged over the group inside the graph, in buckets of
     bucket_cap_mb issued while backward goes on, before the optimizer update. The step returns the rank's
-    own loss. Such a step cannot be saved as an artifact (artifacts are single-process)."""
+    own loss. Such a step cannot be saved as an artifact (artifacts are single-process). model may come wrapped:
+    DDP(model) makes the step data-parallel over DDP's process group with DDP's bucket size (unless
+    process_group= is given), torch.compile(model) is unwrapped; update patterns name the model's own
+    parameters either way (no "module." or "_orig_mod." prefix)."""
     if not isinstance(optimizer, (SGD, AdamW)):
         cls = optimizer if isinstance(optimizer, type) else type(optimizer)
         name = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.optim") else cls.__name__
@@ -358,10 +363,30 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
         raise ConfigError(f"loss_fn must be a function (model output, y) -> scalar tensor, or None for the "
                           f"model's own loss; got {type(loss_fn).__name__}")
     config = Config(update=update, executor=executor, fuse_loss=fuse_loss)
+    model, process_group, bucket_cap_mb = _own_model(model, process_group, bucket_cap_mb)
     comm = _data_parallel(process_group, bucket_cap_mb)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
     x, y = (*example_inputs, None)[:2]
     return TrainStep(model, loss_fn, optimizer, config, rules, (x, y), comm)
+
+
+def _own_model(model, group, bucket_cap_mb):
+    """(the user's model under torch.compile / DDP wrappers, process group, bucket size): a DDP wrapper makes
+    the step data-parallel over DDP's group with DDP's bucket size, unless process_group= says otherwise.
+    An FSDP2-sharded model holds shards, not the parameters the step updates in place: refused."""
+    ddp = model
+    while not isinstance(ddp, DistributedDataParallel) and uncompiled(ddp) is not ddp:
+        ddp = uncompiled(ddp)
+    if isinstance(ddp, DistributedDataParallel) and group is None:
+        group, bucket_cap_mb = ddp.process_group, ddp.bucket_bytes_cap / 2 ** 20
+    model = unwrapped(model)
+    sharded = fsdp_sharded(model)
+    if sharded:
+        raise ConfigError(f"compile_train_step cannot train an FSDP2-sharded model ({', '.join(sharded)} hold "
+                          f"parameter shards): pass the unsharded model with process_group=..., which averages "
+                          f"only the trained gradients over the group, or use torch.compile(model, "
+                          f"backend='sparsecc') with fully_shard on the root module only")
+    return model, group, bucket_cap_mb
 
 
 def _data_parallel(group, bucket_cap_mb) -> tuple | None:

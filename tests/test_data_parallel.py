@@ -135,6 +135,12 @@ try:
     print("PER-LAYER TRAINED")
 except Exception as e:
     print("PER-LAYER REFUSED", type(e).__name__, str(e).replace(chr(10), " "))
+try:
+    sparsecc.compile_train_step(per_layer, lambda out, y: out.sum(), optimizer=sparsecc.SGD(0.1), update=scheme,
+                                example_inputs=(x,), executor="eager")
+    print("STEP TRAINED")
+except sparsecc.ConfigError as e:
+    print("STEP REFUSED", str(e).replace(chr(10), " "))
 torch.manual_seed(0)
 root = MLP()
 fully_shard(root)
@@ -146,6 +152,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_fsdp2_per_layer_sharding_is_refused_and_root_sharding_keeps_the_scheme():
+    """Under the backend and in compile_train_step: refused with what to do instead; root sharding works."""
     tests = Path(__file__).parent
     out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(free_port())], cwd=tests, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tests)})
@@ -154,6 +161,7 @@ def test_fsdp2_per_layer_sharding_is_refused_and_root_sharding_keeps_the_scheme(
     assert "PER-LAYER REFUSED" in out.stdout and "FSDP2 fully_shard on submodules" in out.stdout
     assert "Shard only the root module" in out.stdout
     assert "ROOT GRADS ['fc3.bias', 'fc3.weight']" in out.stdout
+    assert "STEP REFUSED compile_train_step cannot train an FSDP2-sharded model (FSDPLinear, FSDPMLP hold" in out.stdout
 
 
 def test_scheme_trained_lists_each_trained_parameter_once_tied_included():
@@ -166,11 +174,13 @@ def test_scheme_trained_lists_each_trained_parameter_once_tied_included():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name,scheme", [("mlp", "mixed"), ("transformer", "channels")])
-def test_ddp_with_the_trained_only_hook_sends_the_trained_elements_and_trains_exactly(tmp_path, model_name, scheme):
-    """torch.compile(DDP(model), backend="sparsecc") + sparsecc.ddp_trained_only: equal to one process on the
-    global batch (plain SGD on scheme.trained(model)), and each step all-reduces exactly the trained elements."""
-    ranks = run_ranks(tmp_path, model_name, scheme, 1, worker="ddp_worker.py")
+@pytest.mark.parametrize("model_name,scheme,order,find_unused", [("mlp", "mixed", "compile(dp)", 0),
+                                                                 ("transformer", "mixed", "dp(compile)", 1)])
+def test_data_parallel_sends_the_trained_elements_and_trains_exactly(tmp_path, model_name, scheme, order, find_unused):
+    """sparsecc.data_parallel under the sparsecc backend, both wrap orders: equal to one process on the global
+    batch (plain SGD on every parameter), frozen parameters never get a .grad, and each step all-reduces
+    exactly the trained elements."""
+    ranks = run_ranks(tmp_path, model_name, scheme, order, find_unused, worker="ddp_worker.py")
     model, x, y, loss_fn = global_batch(model_name)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref = copy.deepcopy(model)
@@ -178,16 +188,86 @@ def test_ddp_with_the_trained_only_hook_sends_the_trained_elements_and_trains_ex
     mean_losses = torch.tensor([sum(r[0]["losses"][i] for r in ranks) / WORLD for i in range(3)], dtype=torch.float64)
     torch.testing.assert_close(mean_losses, torch.stack(ref_losses), rtol=1e-10, atol=1e-12)
     rules = SCHEMES[model_name][scheme].resolve(dict(model.named_parameters()))
-    (_, params0), (_, params1) = ranks
+    (record, params0), (_, params1) = ranks
+    assert record["with_grad"] == sorted(n for n, p in model.named_parameters() if rules[n] != "frozen")
     for name, p in ref.named_parameters():
         assert torch.equal(params0[name], params1[name]), f"{name} differs between the ranks"
         if rules[name] == "frozen":
             assert torch.equal(params0[name], initial[name]), f"frozen {name} changed"
         torch.testing.assert_close(params0[name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
-    assert ranks[0][0]["bytes_sent"] == 3 * ideal_bytes(model, SCHEMES[model_name][scheme])
+    assert record["bytes_sent"] == 3 * ideal_bytes(model, SCHEMES[model_name][scheme])
 
 
-def test_the_ddp_hook_refuses_what_is_not_a_ddp_model():
+NAMING_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+import sparsecc
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+
+class Net(torch.nn.Module):            # 1.4 MB per layer: DDP's 1 MB buckets make Dynamo split the graph
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.ModuleList([torch.nn.Linear(600, 600) for _ in range(3)])
+    def forward(self, x):
+        for layer in self.fc:
+            x = torch.relu(layer(x))
+        return x
+
+def attempt(what, fn):
+    torch._dynamo.reset()
+    try:
+        fn()
+        print(what, "OK")
+    except Exception as e:
+        cause = e
+        while getattr(cause, "inner_exception", None) is not None:   # torch.compile wraps backend errors,
+            cause = cause.inner_exception                           # DDPOptimizer once more
+        print(what, type(cause).__name__, str(cause).splitlines()[0])
+
+x = torch.randn(4, 600)
+def backend(pattern, wrap):
+    model = Net()
+    options = {"update": sparsecc.UpdateScheme({pattern: "full"}), "executor": "eager"}
+    torch.compile(wrap(model, options["update"]), backend="sparsecc", options=options)(x).sum().backward()
+by_hand = lambda m, scheme: DDP(m, bucket_cap_mb=1)
+ours = lambda m, scheme: sparsecc.data_parallel(m, scheme, bucket_cap_mb=1)
+attempt("MISSPELLED", lambda: backend("fc.9.*", ours))
+attempt("PREFIXED", lambda: backend("module.fc.2.*", ours))
+attempt("BY HAND", lambda: backend("fc.2.*", by_hand))
+attempt("OURS", lambda: backend("fc.2.*", ours))
+step = sparsecc.compile_train_step(DDP(Net(), bucket_cap_mb=3), lambda out, y: out.sum(), optimizer=sparsecc.SGD(0.1),
+                                   update=sparsecc.UpdateScheme({"fc.2.*": "full"}), example_inputs=(x,), executor="eager")
+print("STEP COMM", step.comm)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_patterns_name_the_models_own_parameters_under_ddp_and_hand_built_ddp_is_refused():
+    """Dynamo splits the graph at DDP's buckets: a pattern matching nothing in the whole model is still an error;
+    a 'module.' prefix gets the hint; a DDP built by hand (reducing frozen gradients) is refused;
+    compile_train_step(DDP(model)) takes own names and DDP's group and bucket size."""
+    tests = Path(__file__).parent
+    out = subprocess.run([sys.executable, "-c", NAMING_SCRIPT, str(free_port())], cwd=tests, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("MISSPELLED", "PREFIXED",
+                                                                                              "BY", "OURS", "STEP")))
+    assert lines["MISSPELLED"] == "ConfigError UpdateScheme pattern 'fc.9.*' matches no parameter. Did you mean: " \
+                                  "'fc.2.bias', 'fc.1.bias', 'fc.0.bias'?"
+    assert "write 'fc.2.*', without 'module.'" in lines["PREFIXED"]
+    assert lines["BY"].startswith("HAND ConfigError this DistributedDataParallel would all-reduce the gradients of 4 "
+                                  "frozen parameters (fc.0.weight, fc.0.bias, fc.1.weight, ...)")
+    assert "sparsecc.data_parallel(model, scheme" in lines["BY"]
+    assert lines["OURS"] == "OK"
+    assert lines["STEP"] == f"COMM ('0', 1, {3 * 2 ** 20})"
+
+
+def test_data_parallel_refuses_a_ddp_and_a_missing_scheme():
     model, _ = make("mlp")
-    with pytest.raises(sparsecc.ConfigError, match=r"needs a DistributedDataParallel model, got MLP"):
-        sparsecc.ddp_trained_only(model, SCHEMES["mlp"]["mixed"])
+    with pytest.raises(sparsecc.ConfigError, match=r"needs an UpdateScheme, got dict"):
+        sparsecc.data_parallel(model, {"fc3.*": "full"})
+    ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    with pytest.raises(sparsecc.ConfigError, match=r"wraps the model in DistributedDataParallel itself; pass the model"):
+        sparsecc.data_parallel(ddp, SCHEMES["mlp"]["mixed"])
