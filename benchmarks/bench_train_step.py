@@ -14,12 +14,18 @@ the upper half, Channels on upper MLPs, the head) and a conv net with BatchNorm.
 Training memory = optimizer state (resident between steps) + the measured peak of everything allocated
 during one step (forward, backward, update; profiler memory timeline) — the weights are not counted.
 
-usage: python benchmarks/bench_train_step.py [--rounds 15] [--quick] [--only llama|transformer|convnet]
+Section "sparse": the one-graph step of a sparsified GPT (examples/train_sparse_weights.py: 2 blocks, d=512,
+8x128 tokens; MLP weights 32x32 blocks at 10 %, qkv at 25 %; everything trained, AdamW) on the sparse kernels
+(cost_model="measure": where measured faster; "off": every call) against the same step reading each sparse
+weight masked and dense (cost_model="dense"), and Inductor + torch.optim on the masked dense model.
+
+usage: python benchmarks/bench_train_step.py [--rounds 15] [--quick] [--only llama|transformer|convnet|sparse]
 """
 from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +129,52 @@ def variants(name, model, inputs, scheme, loss_fn, y):
     return out
 
 
+def sparse_section(rounds: int, quick: bool) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from train_sparse_weights import GPT
+    d, batch = (128, 2) if quick else (512, 8)
+    spec = sparsecc.Sparsity({"blocks.*.fc*.weight": sparsecc.Blocks(32, density=0.1),
+                              "blocks.*.qkv.weight": sparsecc.Blocks(32, density=0.25)})
+    text = torch.randint(0, 256, (batch, 129))
+    x, y = text[:, :-1], text[:, 1:]
+    torch.manual_seed(0)
+    base = GPT(d=d)
+    sparsecc.sparsify(base, spec)
+
+    def lm_loss(out, y):
+        return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+    steps = {}
+    for cost_model in ("dense", "measure", "off"):
+        steps[f"one-graph, {cost_model}"] = sparsecc.compile_train_step(
+            copy.deepcopy(base), lm_loss, optimizer=sparsecc.AdamW(lr=LR), example_inputs=(x, y), cost_model=cost_model)
+    m = copy.deepcopy(base)
+    masks = {p: m.sparsecc_masks[n] for n, p in m.named_parameters() if n in m.sparsecc_masks}
+    inductor = EagerStep(m, torch.compile(m), m.parameters(), lm_loss)
+
+    def inductor_masked(x, y):      # dense training of a sparse model: the gradients masked by hand
+        inductor.opt.zero_grad(set_to_none=True)
+        loss = lm_loss(inductor.fn(x), y)
+        loss.backward()
+        for p, mask in masks.items():
+            p.grad.mul_(mask)
+        inductor.opt.step()
+    steps["inductor, masked dense"] = inductor_masked
+    times = interleaved_medians({k: (lambda s=s: s(x, y)) for k, s in steps.items()}, rounds)
+    print(f"\nsparse weights: GPT 2 blocks d={d}, {batch}x128 tokens, AdamW; MLP 32x32 blocks at 10 %, qkv at 25 %")
+    base_t = times["one-graph, dense"]
+    for k, t in times.items():
+        stats = steps[k].report.stats if isinstance(steps[k], sparsecc.TrainStep) else {}
+        calls = f"{stats['sparse_ops']} sparse calls, {stats['sparse_refused']} dense" if stats else ""
+        print(f"{k:26}{t * 1e3:9.1f} ms{base_t / t:8.2f}x vs the masked dense step   {calls}")
+
+
 def main():
     cases = {"llama": llama_case, "transformer": transformer_case, "convnet": convnet_case}
-    args = cli(__doc__, rounds=15, sections=tuple(cases))
+    args = cli(__doc__, rounds=15, sections=(*cases, "sparse"))
+    if args.only == "sparse":
+        sparse_section(args.rounds, args.quick)
+        return
     header = (f"{'model':12}{'variant':18}{'step ms':>9}{'speed-up':>9}{'opt state MB':>13}{'step peak MB':>13}"
               f"{'train mem MB':>13}{'vs full':>8}")
     print(header)
@@ -160,6 +209,8 @@ def main():
               f"lower than eager-full, {(peers[best_mem][1] + peers[best_mem][2]) / (sp[1] + sp[2]):.2f}x lower than "
               f"the best peer ({best_mem}); step {peers[fastest][0] / sp[0]:.2f}x vs the fastest peer ({fastest}); "
               f"liveness model {steps['sparsecc'].report.stats['peak_bytes_estimate'] / 1e6:.2f} MB for the step peak")
+    if args.only is None:
+        sparse_section(args.rounds, args.quick)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def _wrapper_prefix(pattern: str, names: list[str]) -> str:
 
 
 _EXECUTORS = ("inductor", "eager")
-_COST_MODELS = ("measure", "off")
+_COST_MODELS = ("measure", "off", "dense")
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,8 @@ class Config:
     sparsity: the sparsecc.Sparsity the model was sparsified with (checked against what sparsify recorded);
         None uses whatever the model records, plus masks from torch.nn.utils.prune / parametrize.
     cost_model: "measure" rewrites a call to a sparse op only where measurement on this machine shows the
-        sparse kernels faster; "off" rewrites every call it can.
+        sparse kernels faster; "off" rewrites every call it can; "dense" none (every sparse weight is read
+        masked, weight * mask: the baseline the sparse kernels are measured against).
     fuse_loss: fuse an output projection with its cross-entropy loss, chunked over tokens, so the full
         logits never exist (passes/fuse_linear_cross_entropy.py); False computes them as the model does.
     """

@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.parallel import DistributedDataParallel
 
-from . import analysis, memory, progress
+from . import analysis, cost_model, memory, progress
 from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_decompositions, inductor_config,
                      select_decomp_table, uncompiled, unwrapped)
 from .calling import Structure, call_model, flatten, leaf_names, model_loss
@@ -27,6 +27,7 @@ from .distributed import fsdp_sharded
 from .graph import call, output_values, set_output_values
 from .optim import AdamW, SGD
 from .passes import ParamPlan, Plan
+from .passes.sparsify import sparsify_step
 from .pipeline import CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, readable, run_passes, totals
 from .report import Report, register
 
@@ -117,7 +118,7 @@ class TrainStep:
                         **{f"{MASK_PREFIX}{i}": m for i, m in enumerate(self.masks.values())}}
         self.indices = {n: r.indices(self.params[n]) for n, r in rules.items()
                         if isinstance(r, Channels) and n in self.params}
-        device = next(iter(self.params.values())).device
+        device = self._device = next(iter(self.params.values())).device
         # float64 like the Python floats torch.optim computes its step sizes and bias corrections in
         self._lr = torch.tensor(float(optimizer.lr), dtype=torch.float64, device=device)
         self._step = torch.tensor(0.0, dtype=torch.float64, device=device)
@@ -160,11 +161,12 @@ class TrainStep:
                         f"compiled for {str(want.dtype).removeprefix('torch.')} {list(want.shape)}")
         return "the batch differs from the one the step was compiled for"
 
-    def _export(self, leaves, structure: Structure, decompositions=None,
-                seconds: dict | None = None) -> tuple[fx.GraphModule, Plan]:
+    def _export(self, leaves, structure: Structure, decompositions=None, seconds: dict | None = None,
+                sparse_kernels: bool = True) -> tuple[fx.GraphModule, Plan]:
         wrapper = _LossModule(self.model, self.loss_fn, structure, self.masks)
         saved = {p: p.requires_grad for p in self.params.values()}
         seconds = {} if seconds is None else seconds
+        self._sparse: set[str] = set()
         try:
             for p in self.params.values():
                 p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
@@ -173,6 +175,12 @@ class TrainStep:
                 captured = capture(wrapper, leaves)
                 _check_loss(captured, self.loss_fn)
                 captured_passes = [fn(captured, self._trained) for fn in (CAPTURE_PASSES if self.config.fuse_loss else ())]
+                if wrapper.masked and sparse_kernels:
+                    with cost_model.compiling(self._device, cost_model.nm_patterns(self.model.sparsecc_patterns,
+                                                                                   self.params)):
+                        rewrite = sparsify_step(captured, self.model, wrapper.masked, self.config)
+                    captured_passes.append(rewrite.result)
+                    self._sparse = rewrite.sparse_params
                 for name, value in captured.named_buffers():        # and the trace's own constants
                     self.buffers.setdefault(name.removeprefix("model."), value)
                 seconds["capture"] = time.perf_counter() - start
@@ -195,7 +203,7 @@ class TrainStep:
         grads = _merge_tied(joint, first, [grad_of.get(f"model.{n}") for n in names])
         set_output_values(joint, outs[:n_fwd] + grads)
         plans = tuple(ParamPlan(n, i, self.rules[n] if i == first[i] else "frozen",
-                                tuple(self.params[n].shape), self.indices.get(n))
+                                tuple(self.params[n].shape), self.indices.get(n), n in self._sparse)
                       for i, n in enumerate(names))
         self._mutated = [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()]
         self._buffer_names = [b.removeprefix("model.") for b in sig.buffers]
@@ -218,7 +226,8 @@ class TrainStep:
         It takes the same inputs as the compiled step (see _inputs)."""
         _, leaves = self._get(x, y)                # compiles (and creates the optimizer state) if needed
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
-            joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE})
+            joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE},
+                                       sparse_kernels=False)     # sparse weights read as weight * mask
         run_passes(joint, plan, self._passes)
         return joint, leaves
 
@@ -239,7 +248,7 @@ class TrainStep:
             "backward_flops_before": before[1], "backward_flops_after": after[1],
             "forward_flops": after[0], "peak_bytes_estimate": timeline.peak,
             **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "updates_fused", "losses_fused",
-                     "logits_bytes_avoided"),
+                     "logits_bytes_avoided", "sparse_ops", "sparse_refused", "sparse_flops_saved"),
         }
         seconds["passes"] = sum(r.seconds for r in results)
         register(report)
@@ -336,12 +345,17 @@ class TrainStep:
 
 
 def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs, executor="inductor",
-                       fuse_loss=True, process_group=None, bucket_cap_mb=25) -> TrainStep:
+                       fuse_loss=True, cost_model="measure", process_group=None, bucket_cap_mb=25) -> TrainStep:
     """Compile forward + loss + backward + optimizer update of model into one step.
 
     loss_fn(model_output, y) must return a scalar tensor; loss_fn=None takes the loss the model computes
     itself (a `transformers` model given `labels=`: output.loss). example_inputs is (x, y), or (x,) for a
     step called as step(x); x is a tensor, a tuple of positional inputs or a dict of keyword inputs.
+
+    A model sparsified with sparsecc.sparsify trains on the sparse kernels: each linear / 1x1-convolution call
+    on a sparse weight runs the sparse op where the cost model measures it faster on this device
+    (cost_model="measure"), everywhere (cost_model="off") or nowhere (cost_model="dense"); every other use
+    reads the weight masked (weight * mask).
 
     process_group (a torch.distributed group, e.g. torch.distributed.group.WORLD): a data-parallel step. Every
     rank calls it on its own batch (the same size everywhere); the trained gradients — k channels of a Channels
@@ -362,7 +376,7 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function (model output, y) -> scalar tensor, or None for the "
                           f"model's own loss; got {type(loss_fn).__name__}")
-    config = Config(update=update, executor=executor, fuse_loss=fuse_loss)
+    config = Config(update=update, executor=executor, fuse_loss=fuse_loss, cost_model=cost_model)
     model, process_group, bucket_cap_mb = _own_model(model, process_group, bucket_cap_mb)
     comm = _data_parallel(process_group, bucket_cap_mb)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))

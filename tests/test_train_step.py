@@ -115,9 +115,10 @@ def test_k_steps_match_torch_optim_inductor(model_name, scheme_name, opt_name):
 
 
 @pytest.mark.parametrize("opt_name", [pytest.param("adamw", marks=pytest.mark.slow), "sgd_momentum_wd"])
-def test_sparse_weights_train_masked_and_keep_their_pattern(opt_name):
-    """A sparsified model: each sparse weight is read as weight * mask, so K steps equal torch.optim on the
-    masked gradients and pruned entries stay exactly zero (weight decay and momentum included)."""
+def test_sparse_weights_train_on_the_sparse_kernels_and_keep_their_pattern(opt_name):
+    """A sparsified model trains on the sparse ops in the one-graph step (cost model off: every call), and K
+    steps equal torch.optim on the masked gradients; pruned entries stay exactly zero (weight decay and
+    momentum included)."""
     model, _ = make("transformer")
     x, y, loss_fn = data("transformer")
     sparsecc.sparsify(model, sparsecc.Sparsity({"blocks.*.mlp.fc1.weight": sparsecc.Blocks(8, 0.5),
@@ -128,7 +129,12 @@ def test_sparse_weights_train_masked_and_keep_their_pattern(opt_name):
     ref = copy.deepcopy(model)
     ref_losses = reference_steps(ref, x, y, loss_fn, scheme, theirs, 3, masks=model.sparsecc_masks)
     step = sparsecc.compile_train_step(model, loss_fn, optimizer=ours, update=scheme, example_inputs=(x, y),
-                                       executor="eager")
+                                       executor="eager", cost_model="off")
+    ops = [n.target for n in step.graph.graph.nodes if n.op == "call_function"]
+    layers = len(model.blocks)
+    for op in ("block_sparse_mm", "nm_mm", "csr_mm"):           # forward: one call per sparse weight
+        assert ops.count(getattr(torch.ops.sparsecc, op).default) == layers, op
+    assert step.report.stats["sparse_ops"] == 3 * layers
     torch.testing.assert_close(torch.stack([step(x, y) for _ in range(3)]), torch.stack(ref_losses))
     # Adam divides by the gradient's own magnitude: an entry whose gradient is ~1e-7 moves by ~lr either way,
     # so rounding differences of that size reach 1e-5 on a handful of entries

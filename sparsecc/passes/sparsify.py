@@ -1,9 +1,10 @@
 """sparsify: linear and 1x1-convolution calls on sparse weights become sparsecc:: sparse ops.
 
-Runs on Dynamo's graph (torch-level calls, before AOTAutograd), so the sparse ops' autograd formulas
-define the backward: the input gradient uses the transposed sparse weight and the weight gradient is
-computed at the stored entries only. The compressed operands (index tensors, live-entry multipliers,
-dense masks) become extra graph inputs; they are refreshed in place by mask updates, so nothing recompiles.
+Runs before AOTAutograd — on Dynamo's graph (torch-level calls; the backend) or on the one-graph step's
+captured forward + loss (ATen calls; sparsify_step) — so the sparse ops' autograd formulas define the
+backward: the input gradient uses the transposed sparse weight and the weight gradient is computed at the
+stored entries only. The compressed operands (index tensors, live-entry multipliers, dense masks) become
+extra graph inputs (buffers in the captured step); mask updates refresh them in place, so nothing recompiles.
 
 Sparse weights come from `sparsecc.sparsify` (recorded on the model) or are picked up where the graph
 multiplies a parameter by a 0/1 tensor input (torch.nn.utils.prune's weight_orig * weight_mask,
@@ -28,8 +29,11 @@ from ..sparsity import Unstructured
 from . import PassResult
 
 NAME = "sparsify"
-_LINEAR = {FUNCTIONAL_LINEAR, torch.nn.functional.linear}
-_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2}
+aten = torch.ops.aten
+# Dynamo's graph calls torch functions; the one-graph step's captured graph calls ATen ops (same arguments)
+_LINEAR = {FUNCTIONAL_LINEAR, torch.nn.functional.linear, aten.linear.default}
+_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2,
+         aten.conv1d.default: 1, aten.conv2d.default: 2}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _DTYPES = (torch.float32, torch.float64)
 
@@ -39,7 +43,7 @@ class Source:
     """Where a sparse weight's values come from in the graph."""
 
     sw: SparseWeight
-    param: fx.Node              # the parameter's placeholder
+    param: fx.Node              # the parameter's graph input (placeholder, or get_attr in the captured step)
     weight: fx.Node             # the node the calls read: the parameter, or its product with a mask input
     mask_input: int | None      # graph-input position of a picked-up mask (checked at every call)
 
@@ -115,10 +119,15 @@ def _conv_args(node) -> dict | None:
     return args
 
 
+def _value(node):
+    """A node's example value: Dynamo's meta["example_value"], an exported graph's meta["val"]."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
 def _why_not_conv(args, dims: int) -> str | None:
     def ones(v, n):
         return all(int(s) == n for s in ((v,) * dims if isinstance(v, int) else v))
-    if any(s != 1 for s in args["weight"].meta["example_value"].shape[2:]):
+    if any(s != 1 for s in _value(args["weight"]).shape[2:]):
         return "kernel is not 1x1"
     if not ones(args.get("stride", 1), 1) or not ones(args.get("dilation", 1), 1):
         return "stride or dilation is not 1"
@@ -149,6 +158,43 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
         sw = SparseWeight.create(name, Unstructured(max(mask.float().mean().item(), 1e-9)), mask, inputs[pos].dtype)
         sources.append(Source(sw, p, product, mask_pos))
         rewrite.picked_masks[mask_pos] = sw
+    _rewrite_calls(gm, sources, config, rewrite, _add_inputs)
+    for src in sources:
+        if src.mask_input is None:
+            _mask_other_uses(gm, src, rewrite)
+        rewrite.sparse_params.add(src.sw.name)
+    gm.graph.lint()
+    gm.recompile()
+    return rewrite
+
+
+def sparsify_step(gm: fx.GraphModule, model, masked: dict[str, str], config) -> Rewrite:
+    """The one-graph step's form of the rewrite, on its captured forward + loss (ATen calls; parameters and
+    buffers read with get_attr, the model's under "model."), where each weight sparsecc.sparsify recorded is
+    read as weight * mask (masked: weight name -> mask buffer name). Calls the cost model accepts read that
+    product through the sparse ops; its other uses stay dense. The compressed operands become buffers of gm,
+    so the step passes them like any buffer."""
+    rewrite = Rewrite(PassResult(NAME))
+    attrs = {n.target: n for n in gm.graph.find_nodes(op="get_attr")}
+    sources = []
+    for name, buffer in masked.items():
+        param, mask = attrs.get(f"model.{name}"), attrs.get(buffer)
+        product = next((u for u in (param.users if param is not None else ())
+                        if u.target == aten.mul.Tensor and set(u.args[:2]) == {param, mask}), None)
+        if product is None:       # a tied alias: the graph reads the tensor under its first name
+            continue
+        sw = SparseWeight.create(name, model.sparsecc_patterns[name], model.sparsecc_masks[name], _value(param).dtype)
+        sources.append(Source(sw, param, product, None))
+        rewrite.sparse_params.add(name)
+    _rewrite_calls(gm, sources, config, rewrite, _add_buffers)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return rewrite
+
+
+def _rewrite_calls(gm, sources: list[Source], config, rewrite: Rewrite, add_inputs) -> None:
+    """Replace each linear / 1x1-conv call on a sparse weight that the cost model accepts by the sparse op;
+    add_inputs(gm, tensors, prefix, rewrite) makes the compressed operands readable in gm."""
     result = rewrite.result
     rewritten = refused = 0
     flops_saved = 0
@@ -161,7 +207,7 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
                 if why:
                     result.notes.append(f"{sw.name}: {user.name} not rewritten: {why}")
                 continue
-            x_val = user.args[0].meta["example_value"] if isinstance(user.args[0], fx.Node) else None
+            x_val = _value(user.args[0])
             if x_val is None or x_val.dtype not in _DTYPES or x_val.dtype != sw.dense.dtype:
                 result.notes.append(f"{sw.name}: {user.name} kept dense: dtype "
                                     f"{getattr(x_val, 'dtype', None)} (sparse kernels take float32/float64)")
@@ -172,8 +218,10 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
                                                                        x_val.dtype, sw.format, sw.block, sw.density)))
     if config.cost_model == "measure":
         decisions = cost_model.decide_all([shape for *_, shape in candidates])
-    else:
+    elif config.cost_model == "off":
         decisions = [cost_model.Decision(True, "cost model off: every candidate is rewritten")] * len(candidates)
+    else:
+        decisions = [cost_model.Decision(False, "cost_model='dense': read masked")] * len(candidates)
     extras: dict[int, list[fx.Node]] = {}
     for (src, user, call, shape), decision in zip(candidates, decisions):
         sw = src.sw
@@ -182,7 +230,7 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
             refused += 1
             continue
         if id(src) not in extras:
-            extras[id(src)] = _add_inputs(gm, sw.inputs(), f"{sw.name}_sparse", rewrite)
+            extras[id(src)] = add_inputs(gm, sw.inputs(), f"{sw.name}_sparse", rewrite)
         _replace(gm, user, call, src.weight, sw, extras[id(src)])
         saved = int(shape.dense_flops * (1 - sw.density))
         flops_saved += saved
@@ -190,14 +238,7 @@ def sparsify(gm: fx.GraphModule, inputs: list, params_by_pos: dict[int, tuple[st
         result.notes.append(f"{sw.name}: {user.name} ({call}, {shape.tokens}x{shape.inp}->{shape.out}) -> "
                             f"sparsecc::{sw.op} [{sw.describe()}], est. fwd+bwd FLOPs saved {saved:,} "
                             f"({1 - sw.density:.0%}); {decision.reason}")
-    for src in sources:
-        if src.mask_input is None:
-            _mask_other_uses(gm, src, rewrite)
-        rewrite.sparse_params.add(src.sw.name)
     result.counts.update(sparse_ops=rewritten, sparse_refused=refused, sparse_flops_saved=flops_saved)
-    gm.graph.lint()
-    gm.recompile()
-    return rewrite
 
 
 def _candidate(node: fx.Node, weight: fx.Node) -> tuple[str | None, str | None]:
@@ -230,6 +271,18 @@ def _add_inputs(gm, tensors, prefix, rewrite) -> list[fx.Node]:
         last.meta["example_value"] = fake_mode.from_tensor(t) if fake_mode else t
         nodes.append(last)
         rewrite.extra_inputs.append(t)
+    return nodes
+
+
+def _add_buffers(gm, tensors, prefix, rewrite) -> list[fx.Node]:
+    """New buffers of gm, read with get_attr at the top of its graph (the captured step's form)."""
+    first = next(iter(gm.graph.nodes))
+    nodes = []
+    for i, t in enumerate(tensors):
+        name = re.sub(r"\W", "_", f"sparsecc_{prefix}_{i}")
+        gm.register_buffer(name, t)
+        with gm.graph.inserting_before(first):
+            nodes.append(gm.graph.get_attr(name))
     return nodes
 
 
