@@ -14,6 +14,7 @@ from typing import Mapping, Union
 import torch
 
 from .errors import ConfigError, closest, human, where_parameters_live  # noqa: F401 - re-exported
+from .sparsity import Sparsity
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,6 @@ class Config:
     def __post_init__(self):
         if self.update is not None and not isinstance(self.update, UpdateScheme):
             raise ConfigError(f"option 'update' must be a sparsecc.UpdateScheme, got {type(self.update).__name__}")
-        from .sparsity import Sparsity
         if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
             raise ConfigError(f"option 'sparsity' must be a sparsecc.Sparsity, got {type(self.sparsity).__name__}")
         if self.cost_model not in _COST_MODELS:

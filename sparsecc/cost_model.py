@@ -39,6 +39,8 @@ import torch
 
 from .ops import native
 from .progress import say
+from .sparse_weights import SparseWeight
+from .sparsity import NM, Blocks, Unstructured
 
 MIN_SPEEDUP = 1.05    # a rewrite must win by more than this machine's run-to-run noise
 
@@ -148,7 +150,6 @@ def compiling(device: str | torch.device | None, nm_patterns: dict | None = None
 def nm_patterns(patterns: dict, params: dict) -> dict:
     """{(out, in): NM} of a model's N:M weights (name -> pattern, name -> parameter); a shape two different N:M
     patterns share keeps the non-transposable one (the conservative choice)."""
-    from .sparsity import NM
     out = {}
     for name, pattern in patterns.items():
         if isinstance(pattern, NM) and name in params:
@@ -202,7 +203,6 @@ def gpu_median_ms(fn, device: torch.device, budget_ms: float = 60.0) -> float:
 
 
 def _nm_of(pattern: str):
-    from .sparsity import NM
     n, m = pattern.rstrip("T").split(":")
     return NM(int(n), int(m), transposable=pattern.endswith("T"))
 
@@ -210,7 +210,6 @@ def _nm_of(pattern: str):
 def _support(shape: LinearShape, device: torch.device, gen: torch.Generator):
     """(pattern, random support) with the shape's sparsity structure, on the device. The CPU keeps the supports it
     always drew (the patterns' magnitude masks of noise); on a GPU they are drawn there directly (exact block count)."""
-    from .sparsity import Blocks, Unstructured
     if shape.pattern:
         pattern = _nm_of(shape.pattern)
         return pattern, pattern.mask(torch.randn(shape.out, shape.inp, generator=gen, device=device))
@@ -266,7 +265,6 @@ def measure(shape: LinearShape) -> tuple:
     """(dense ms, sparse ms) for forward + both gradients on the shape's device (resolve() fills it in), interleaved
     so drift hits both alike; for an N:M weight on a GPU also the implementation that was faster ("ell", "semi",
     "semiT")."""
-    from .sparse_weights import SparseWeight
     shape = shape if shape.device else resolve(shape)
     info = device_info(shape.device)
     device = torch.device(info.device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, closest
-from .sparse_weights import registered
+from .sparse_registry import registered
 from .sparsity import NM, Blocks
 
 _METHODS = ("rigl", "set", "magnitude")

@@ -14,11 +14,9 @@ patterns and masks picked up from torch.nn.utils.prune / parametrize (sparsecc::
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .ops.block_sparse import block_index, block_values
 from .ops.csr import to_csr
@@ -28,7 +26,7 @@ _CSR_KEYS = ("flat", "crow", "col", "t_crow", "t_col", "t_perm")
 _BLOCK_KEYS = ("rows", "cols")
 
 
-@dataclass(eq=False)      # identity semantics: held in weak sets
+@dataclass(eq=False)      # identity semantics: held in weak sets (sparse_registry)
 class SparseWeight:
     name: str
     pattern: Pattern
@@ -117,21 +115,6 @@ class SparseWeight:
         """The stored values of a weight-shaped tensor (eager; graphs use the same code via the functions below)."""
         keys = _BLOCK_KEYS if self.format == "blocks" else ("flat",)
         return _values(self.format, _matrix(weight), self.block, [self.index[k] for k in keys])
-
-
-# ---- registry: parameter -> the SparseWeights of the compiled graphs that use it ------------------------------
-# Weak on both sides: a graph's SparseWeight lives as long as the compiled graph (torch._dynamo.reset() frees it).
-
-_REGISTRY = WeakIdKeyDictionary()
-
-
-def registered(param: torch.Tensor) -> list[SparseWeight]:
-    return list(_REGISTRY.get(param, ()))
-
-
-def register(param: torch.Tensor, sw: SparseWeight) -> SparseWeight:
-    _REGISTRY.setdefault(param, weakref.WeakSet()).add(sw)
-    return sw
 
 
 # ---- what rewritten graphs call -------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from typing import Mapping, Union
 
 import torch
 
-from .config import ConfigError, closest
-from .errors import where_parameters_live
+from .errors import ConfigError, closest, where_parameters_live
+from .sparse_registry import registered
 
 
 def _density(name: str, value) -> None:
@@ -195,7 +195,6 @@ def sparsify(model: torch.nn.Module, spec: Sparsity) -> dict[str, torch.Tensor]:
     model (`model.sparsecc_masks`, name -> bool mask). Validates everything before changing anything.
     A weight that compiled graphs already use is re-pruned in place when its stored count stays the same
     (the graphs follow, no recompilation); a new count needs the graphs dropped first (torch._dynamo.reset())."""
-    from .sparse_weights import registered
     if not isinstance(spec, Sparsity):
         raise ConfigError(f"sparsify needs a sparsecc.Sparsity, got {type(spec).__name__}")
     params = dict(model.named_parameters(remove_duplicate=False))    # tied weights under every name

@@ -18,7 +18,7 @@ import sparsecc
 from sparsecc import cost_model
 from sparsecc.ops import native
 from sparsecc.ops.csr import to_csr
-from sparsecc.sparse_weights import registered
+from sparsecc.sparse_registry import registered
 
 from conftest import loss_of
 from models import make

@@ -86,8 +86,10 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
                               f"(None for a model that computes its own loss from labels=; and update= for a "
                               f"sparse-update scheme) to build its training step; or pass a TrainStep from "
                               f"sparsecc.compile_train_step")
+        # this step is only the source of the exported programs (which compute sparse weights as weight * mask):
+        # it never runs here, so neither Inductor nor the sparse kernels' cost model is worth its time
         step = compile_train_step(uncompiled(step), loss_fn, optimizer=optimizer, update=update,
-                                  example_inputs=example_inputs)
+                                  example_inputs=example_inputs, executor="eager", cost_model="dense")
     elif not isinstance(step, TrainStep):
         raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step or a model, "
                           f"got {type(step).__name__}")

@@ -24,7 +24,8 @@ import torch.fx as fx
 from .. import cost_model
 from .._torch import FUNCTIONAL_LINEAR, detect_fake_mode
 from ..config import ConfigError
-from ..sparse_weights import LINEAR, SparseWeight, conv1x1, register
+from ..sparse_registry import register
+from ..sparse_weights import LINEAR, SparseWeight, conv1x1
 from ..sparsity import Unstructured
 from . import PassResult
 
