@@ -8,11 +8,16 @@ last two blocks' norms, Channels(0.25) on the last MLP, the final norm and the h
   inductor-freeze-b0.1   ... and 0.1
   sparsecc-unfused       sparsecc.compile_train_step with fuse_loss=False (the full logits exist)
   sparsecc               sparsecc.compile_train_step (head and loss fused, chunked over tokens)
+  sparsecc-m0.9 ...      the same with memory_budget= 90 %, 75 %, 60 % of sparsecc's own modelled peak
+                         (a budget below the lowest reachable peak prints that floor instead of a row)
 Training memory = optimizer state + the measured peak of everything a step allocates (profiler memory
 timeline); the weights are not counted. The logits alone are 8*256*32000*4 B = 262 MB in float32.
-(sparsecc's own memory_budget= is not built yet, so it has no rows here.)
+"model MB" is sparsecc's liveness model of the step (what memory_budget= is held to).
 
-usage: python benchmarks/bench_llm_memory.py [--rounds 5] [--quick]
+Section "full" runs the same variants with every parameter trained (no freezing): there the backward keeps
+the activations of every layer, which is what memory_budget= and activation_memory_budget trade.
+
+usage: python benchmarks/bench_llm_memory.py [--rounds 5] [--quick] [--only sparse-update|full]
 """
 from __future__ import annotations
 
@@ -75,17 +80,33 @@ def variants(model, scheme, x, y):
         m = copy.deepcopy(model)
         out[name] = sparsecc.compile_train_step(m, loss_fn, optimizer=sparsecc.AdamW(lr=LR), update=scheme,
                                                 example_inputs=(x, y), fuse_loss=fuse)
+    modelled = out["sparsecc"].report.stats["peak_bytes_estimate"]
+    for fraction in (0.9, 0.75, 0.6):
+        m = copy.deepcopy(model)
+        try:
+            out[f"sparsecc-m{fraction}"] = sparsecc.compile_train_step(
+                m, loss_fn, optimizer=sparsecc.AdamW(lr=LR), update=scheme, example_inputs=(x, y),
+                memory_budget=int(modelled * fraction))
+        except sparsecc.ConfigError as e:
+            print(f"sparsecc-m{fraction}: {e}")
     return out
 
 
 def main():
-    args = cli(__doc__, rounds=5)
-    model, x, scheme = case(args.quick)
+    args = cli(__doc__, rounds=5, sections=("sparse-update", "full"))
+    for section in [args.only] if args.only else ["sparse-update", "full"]:
+        model, x, scheme = case(args.quick)
+        print(f"\n[{section}]")
+        run(model, x, scheme if section == "sparse-update" else sparsecc.UpdateScheme.full(), args.rounds)
+
+
+def run(model, x, scheme, rounds):
     y = x
-    print("[llm] compiling 5 variants ...", file=sys.stderr, flush=True)
+    print("[llm] compiling 8 variants ...", file=sys.stderr, flush=True)
     steps = variants(model, scheme, x, y)
-    times = interleaved_medians({k: (lambda s=s: s(x, y)) for k, s in steps.items()}, args.rounds, warmup=2)
-    header = f"{'variant':22}{'step ms':>9}{'opt state MB':>13}{'step peak MB':>13}{'train mem MB':>13}{'vs ind.':>8}"
+    times = interleaved_medians({k: (lambda s=s: s(x, y)) for k, s in steps.items()}, rounds, warmup=2)
+    header = (f"{'variant':22}{'step ms':>9}{'opt state MB':>13}{'step peak MB':>13}{'train mem MB':>13}"
+              f"{'vs ind.':>8}{'model MB':>10}")
     print(header)
     print("-" * len(header))
     rows = {}
@@ -98,8 +119,9 @@ def main():
                        s.measure_memory(x, y))
     ind_t, ind_s, ind_p = rows["inductor-freeze"]
     for k, (t, state, peak) in rows.items():
+        modelled = f"{steps[k].report.stats['peak_bytes_estimate'] / 1e6:10.2f}" if k.startswith("sparsecc") else ""
         print(f"{k:22}{t * 1e3:9.1f}{state / 1e6:13.2f}{peak / 1e6:13.2f}{(state + peak) / 1e6:13.2f}"
-              f"{(ind_s + ind_p) / (state + peak):7.2f}x")
+              f"{(ind_s + ind_p) / (state + peak):7.2f}x{modelled}")
     sp = rows["sparsecc"]
     best = min((k for k in rows if k.startswith("inductor")), key=lambda k: rows[k][1] + rows[k][2])
     fused = [n for p in steps["sparsecc"].report.passes for n in p.notes if "fused" in n]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import re
 
 
 class ConfigError(ValueError):
@@ -62,3 +64,25 @@ def where_parameters_live(names) -> str:
     """' Parameters live under: blocks.0, blocks.1, ..., head.' for a 'matches no parameter' error."""
     labels = module_prefixes(list(names))
     return f" Parameters live under: {', '.join(labels)}." if labels else " The model has no parameters."
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_budget(budget) -> int:
+    """Bytes from an int, or a string such as "256KB", "2MB", "1.5MiB" (unit letters in any case)."""
+    if isinstance(budget, str):
+        m = _SIZE.fullmatch(budget)
+        if m is None or m.group(2).upper() not in _SIZE_UNITS:
+            hint = closest(m.group(2), ["B", "KB", "MB", "GB", "KiB", "MiB", "GiB"]) if m else ""
+            raise ConfigError(f"memory_budget {budget!r} is not a size: give bytes, or a number with B, KB, MB, GB "
+                              f"(powers of 1000) or KiB, MiB, GiB (powers of 1024), e.g. '256KB' or '1.5MiB'.{hint}")
+        value = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    elif isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value = budget
+    else:
+        raise ConfigError(f"memory_budget must be bytes (an int) or a string such as '2MB', got {budget!r}")
+    if not math.isfinite(value) or value < 1:
+        raise ConfigError(f"memory_budget must be at least 1 byte, got {budget!r}")
+    return int(value)

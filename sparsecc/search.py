@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import memory
 from .config import Channels, ConfigError, Rule, UpdateScheme, closest, human, rule_name
+from .errors import parse_budget  # noqa: F401 - re-exported (sparsecc.search.parse_budget)
 from .graph import clone_graph_module
 from .optim import AdamW, SGD
 from .pipeline import TRAIN_STEP_PASSES, run_passes
@@ -42,28 +43,6 @@ from .train_step import compile_train_step
 
 # ---- budgets --------------------------------------------------------------------------------------------
 # KB, MB, GB are powers of 1000 (as the benchmark tables print MB = 10^6 bytes); KiB, MiB, GiB powers of 1024.
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
-
-
-def parse_budget(budget) -> int:
-    """Bytes from an int, or a string such as "256KB", "2MB", "1.5MiB" (unit letters in any case)."""
-    if isinstance(budget, str):
-        m = _SIZE.fullmatch(budget)
-        if m is None or m.group(2).upper() not in _SIZE_UNITS:
-            hint = closest(m.group(2), ["B", "KB", "MB", "GB", "KiB", "MiB", "GiB"]) if m else ""
-            raise ConfigError(f"memory_budget {budget!r} is not a size: give bytes, or a number with B, KB, MB, GB "
-                              f"(powers of 1000) or KiB, MiB, GiB (powers of 1024), e.g. '256KB' or '1.5MiB'.{hint}")
-        value = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-    elif isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        value = budget
-    else:
-        raise ConfigError(f"memory_budget must be bytes (an int) or a string such as '2MB', got {budget!r}")
-    if not math.isfinite(value) or value < 1:
-        raise ConfigError(f"memory_budget must be at least 1 byte, got {budget!r}")
-    return int(value)
-
-
 # ---- units and hand-written schemes ---------------------------------------------------------------------
 def _pattern(name: str) -> str:
     """An fnmatch pattern matching exactly this parameter name."""

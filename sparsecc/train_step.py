@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.parallel import DistributedDataParallel
 
-from . import analysis, cost_model, memory, progress
+from . import analysis, cost_model, memory, memory_budget, progress
 from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_decompositions, inductor_config,
                      select_decomp_table, uncompiled, unwrapped)
 from .calling import Structure, call_model, flatten, leaf_names, model_loss
@@ -26,7 +26,8 @@ from .config import Channels, Config, ConfigError, rule_name
 from .distributed import fsdp_sharded
 from .graph import call, output_values, set_output_values
 from .optim import AdamW, SGD
-from .passes import ParamPlan, Plan
+from .errors import human, parse_budget
+from .passes import ParamPlan, PassResult, Plan
 from .passes.sparsify import sparsify_step
 from .pipeline import CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, readable, run_passes, totals
 from .report import Report, register
@@ -108,9 +109,11 @@ class _Compiled:
 class TrainStep:
     """A compiled training step. step(x, y) trains in place and returns the loss."""
 
-    def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs, comm=None):
+    def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs, comm=None,
+                 memory_budget: int | None = None):
         self.model, self.loss_fn, self.optimizer, self.config, self.rules = model, loss_fn, optimizer, config, rules
         self.comm = comm            # (process group name, world size, bucket bytes) of a data-parallel step
+        self.memory_budget = memory_budget   # bytes the step may allocate above what is resident
         self._passes = TRAIN_STEP_PASSES if comm is None else DATA_PARALLEL_STEP_PASSES
         self.params = dict(model.named_parameters(remove_duplicate=False))   # tied weights under every name
         self.masks = {n: m.to(self.params[n].device) for n, m in getattr(model, "sparsecc_masks", {}).items()}
@@ -228,15 +231,16 @@ class TrainStep:
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
             joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE},
                                        sparse_kernels=False)     # sparse weights read as weight * mask
-        run_passes(joint, plan, self._passes)
+        joint, _, _ = self._run_passes(joint, plan)
         return joint, leaves
 
     def _compile(self, leaves, structure: Structure) -> _Compiled:
         seconds = {}
         joint, plan = self._export(leaves, structure, seconds=seconds)
         before = analysis.split_flops(joint, plan.num_fwd_outputs)
-        results, graphs = run_passes(joint, plan, self._passes)
-        results[:0] = joint.meta["sparsecc_capture_passes"]
+        capture_passes = joint.meta["sparsecc_capture_passes"]
+        joint, results, graphs = self._run_passes(joint, plan)
+        results[:0] = capture_passes
         updates = joint.meta["sparsecc_updates"]
         timeline = memory.liveness(joint)
         report = Report(graphs=graphs, passes=results,
@@ -268,6 +272,22 @@ class TrainStep:
         seconds["codegen"] = time.perf_counter() - start
         report.stats.update({f"seconds_{k}": round(v, 3) for k, v in seconds.items()})
         return _Compiled(fn, joint, updates, report)
+
+    def _run_passes(self, joint: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, list, dict]:
+        """The training passes on joint; under a memory budget, on copies of it at the least recomputation
+        whose modelled peak fits (memory_budget.py), recorded as a "memory_budget" entry of the report."""
+        if self.memory_budget is None:
+            results, graphs = run_passes(joint, plan, self._passes)
+            return joint, results, graphs
+        start = time.perf_counter()
+        with progress.waiting(f"fitting the step into memory_budget={human(self.memory_budget)}"):
+            fitted = memory_budget.fit(joint, plan, self._passes, self.memory_budget)
+        choice = PassResult("memory_budget", seconds=time.perf_counter() - start)
+        choice.counts.update(budget_bytes=self.memory_budget, peak_bytes=fitted.chosen.peak,
+                             extra_flops=fitted.chosen.flops - fitted.points[-1].flops,
+                             extra_ops=fitted.chosen.ops - fitted.points[-1].ops)
+        choice.notes = [f"{'chosen ' if p == fitted.chosen else ''}{p.describe()}" for p in fitted.points]
+        return fitted.graph, fitted.results + [choice], fitted.graphs
 
     # ---- running -----------------------------------------------------------------------------------
     def _inputs(self, leaves, updates) -> list[torch.Tensor]:
@@ -345,7 +365,8 @@ class TrainStep:
 
 
 def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs, executor="inductor",
-                       fuse_loss=True, cost_model="measure", process_group=None, bucket_cap_mb=25) -> TrainStep:
+                       fuse_loss=True, cost_model="measure", memory_budget=None, process_group=None,
+                       bucket_cap_mb=25) -> TrainStep:
     """Compile forward + loss + backward + optimizer update of model into one step.
 
     loss_fn(model_output, y) must return a scalar tensor; loss_fn=None takes the loss the model computes
@@ -356,6 +377,12 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     on a sparse weight runs the sparse op where the cost model measures it faster on this device
     (cost_model="measure"), everywhere (cost_model="off") or nowhere (cost_model="dense"); every other use
     reads the weight masked (weight * mask).
+
+    memory_budget (bytes, or a string such as "40MB"): the most the step may allocate above the resident
+    parameters, optimizer state and batch, as the liveness model counts it (report stats peak_bytes_estimate).
+    The backward then recomputes just enough of the forward, instead of keeping it, to fit; the report's
+    "memory_budget" entry lists the trade-off points tried. A budget below the lowest reachable peak is a
+    ConfigError that states that floor.
 
     process_group (a torch.distributed group, e.g. torch.distributed.group.WORLD): a data-parallel step. Every
     rank calls it on its own batch (the same size everywhere); the trained gradients — k channels of a Channels
@@ -379,9 +406,10 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     config = Config(update=update, executor=executor, fuse_loss=fuse_loss, cost_model=cost_model)
     model, process_group, bucket_cap_mb = _own_model(model, process_group, bucket_cap_mb)
     comm = _data_parallel(process_group, bucket_cap_mb)
+    budget = None if memory_budget is None else parse_budget(memory_budget)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
     x, y = (*example_inputs, None)[:2]
-    return TrainStep(model, loss_fn, optimizer, config, rules, (x, y), comm)
+    return TrainStep(model, loss_fn, optimizer, config, rules, (x, y), comm, budget)
 
 
 def _own_model(model, group, bucket_cap_mb):
