@@ -3,6 +3,9 @@
 The model walks the graph in execution order: a node's output is allocated when it runs and freed after
 its last use; views, in-place writes (ops whose schema says the result aliases an input) and getitem share
 their base's storage; graph inputs are resident and not counted; graph outputs stay live to the end.
+For a fusing executor (Inductor, fused=True) two of its habits are modelled: a pointwise value read only
+by pointwise ops is computed inside their kernels and never stored, and a pointwise kernel writes its result
+into an input of the same size that dies there.
 """
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch.profiler import ProfilerActivity, profile
 
 from ._torch import memory_timeline
+from .ops import linear_cross_entropy
 from .graph import nbytes
 
 
@@ -55,30 +60,85 @@ def storage_roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return root
 
 
-def liveness(gm: fx.GraphModule, order: list[fx.Node] | None = None) -> Timeline:
-    """The bytes live after each node when the graph runs in `order` (default: graph order)."""
+def _pointwise(node: fx.Node) -> bool:
+    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
+def fused_away(gm: fx.GraphModule) -> set[fx.Node]:
+    """The values a fusing executor (Inductor) never stores: a pointwise op whose every user (at most
+    MAX_FUSED_USERS of them) is a pointwise op is computed inside its users' kernels. Its inputs are then
+    read where the users run."""
+    outputs = set(gm.graph.output_node().all_input_nodes)
+    return {n for n in gm.graph.nodes if _pointwise(n) and n not in outputs and 0 < len(n.users) <= MAX_FUSED_USERS
+            and all(_pointwise(u) for u in n.users)}
+
+
+MAX_FUSED_USERS = 3     # Inductor stores a pointwise value read by more kernels than a few (realize_reads_threshold)
+
+
+def _reads(node: fx.Node, fused: set[fx.Node], memo: dict) -> set[fx.Node]:
+    """The stored values node reads: its inputs, looking through the fused-away ones to what they read."""
+    if node not in memo:
+        memo[node] = set()
+        for arg in node.all_input_nodes:
+            memo[node] |= _reads(arg, fused, memo) if arg in fused else {arg}
+    return memo[node]
+
+
+def liveness(gm: fx.GraphModule, order: list[fx.Node] | None = None, *, fused: bool = False) -> Timeline:
+    """The bytes live after each node when the graph runs in `order` (default: graph order). fused=True models
+    a fusing executor (Inductor): the values of fused_away(gm) take no memory."""
     order = order or [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     roots = storage_roots(gm)
+    away = fused_away(gm) if fused else set()
+    memo: dict = {}
     position = {n: i for i, n in enumerate(order)}
     end = len(order)
     last_use: dict[fx.Node, int] = {}
     for node in order:
-        for arg in node.all_input_nodes:
+        for arg in _reads(node, away, memo):
             r = roots[arg]
             last_use[r] = max(last_use.get(r, -1), position[node])
         last_use.setdefault(roots[node], position[node])
     for out in gm.graph.output_node().all_input_nodes:
         last_use[roots[out]] = end
     frees: dict[int, int] = {}
+    reusable: set[fx.Node] = set()      # stored values whose memory the executor has handed on already
     live, timeline = 0, []
     for i, node in enumerate(order):
-        if roots[node] is node:
+        if roots[node] is node and node not in away:
             size = nbytes(node.meta.get("val"))
-            live += size
+            donor = _donor(node, size, i, _reads(node, away, memo), roots, last_use, reusable) if fused else None
+            if donor is None:
+                live += size
+            else:                       # the kernel writes into an input that dies here: no new memory
+                reusable.add(donor)
+                frees[i] -= size
             frees[last_use[node]] = frees.get(last_use[node], 0) + size
-        timeline.append(live)
+        timeline.append(live + _workspace(node))
         live -= frees.pop(i, 0)
     return Timeline([n.name for n in order], timeline)
+
+
+def _workspace(node: fx.Node) -> int:
+    """Memory an op's kernel holds only while it runs (sparsecc::linear_cross_entropy's chunk buffers)."""
+    if node.target is not torch.ops.sparsecc.linear_cross_entropy.default:
+        return 0
+    h, weight, _, _, _, _, _, cast, chunk, input_grad = node.args[:10]
+    return linear_cross_entropy.workspace_bytes(h.meta["val"], weight.meta["val"], cast, chunk, input_grad)
+
+
+def _donor(node: fx.Node, size: int, i: int, reads: set[fx.Node], roots, last_use, taken: set) -> fx.Node | None:
+    """A stored value a fusing executor's kernel for node writes its result into (Inductor's in-place buffer
+    reuse): one it reads whose last use is this node, of the same size, computed in the graph (inputs are not
+    the graph's to overwrite); None when there is none or node is not a generated (pointwise) kernel."""
+    if not _pointwise(node):
+        return None
+    for arg in reads:
+        r = roots[arg]
+        if r.op != "placeholder" and r not in taken and last_use.get(r) == i and nbytes(r.meta.get("val")) == size:
+            return r
+    return None
 
 
 _KINETO_LINE = re.compile(rb"^(USDT|STAGE|INFO|WARNING):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\] ")

@@ -4,10 +4,11 @@ recomputation.
 
 The rematerialize pass hands that choice to PyTorch's min-cut partitioner, whose activation_memory_budget
 (a fraction: 1 keeps what the min-cut keeps, 0 recomputes everything it may) ranks what to recompute by its
-estimated runtime per byte saved. fit() runs the step's passes at a few fractions (a grid, then bisection) and keeps the
-fraction with the fewest FLOPs whose modelled peak fits: memory.liveness of the final graph, i.e. the bytes allocated during
-the step above the resident parameters, optimizer state and batch. A budget below the lowest peak any tried
-fraction reaches (the floor) is a ConfigError that states the floor.
+estimated runtime per byte saved. fit() runs the step's passes at a few fractions (a grid, then bisection)
+and keeps the fraction with the fewest FLOPs whose modelled peak fits: memory.liveness of the final graph,
+i.e. the bytes allocated during the step above the resident parameters, optimizer state and batch
+(fused=True: as Inductor runs it). A budget below the lowest peak any tried fraction reaches (the floor) is a
+ConfigError that states the floor.
 """
 from __future__ import annotations
 
@@ -50,16 +51,17 @@ class Fitted:
     points: list[Point]             # every fraction tried, by fraction
 
 
-def _attempt(joint: fx.GraphModule, plan: Plan, passes, fraction: float):
+def _attempt(joint: fx.GraphModule, plan: Plan, passes, fraction: float, fused: bool):
     gm = clone_graph_module(joint)
     gm.meta.update(joint.meta)
     with functorch_config.patch(activation_memory_budget=fraction):
         results, graphs = run_passes(gm, plan, passes)
     ops = sum(n.op == "call_function" for n in gm.graph.nodes)
-    return gm, results, graphs, Point(fraction, liveness(gm).peak, sum(split_flops(gm, plan.num_fwd_outputs)), ops)
+    peak = liveness(gm, fused=fused).peak
+    return gm, results, graphs, Point(fraction, peak, sum(split_flops(gm, plan.num_fwd_outputs)), ops)
 
 
-def fit(joint: fx.GraphModule, plan: Plan, passes, budget: int) -> Fitted:
+def fit(joint: fx.GraphModule, plan: Plan, passes, budget: int, *, fused: bool = False) -> Fitted:
     """The passes run on copies of joint at the fraction with the least recomputation (fewest FLOPs, then ops) whose
     modelled peak is at most budget bytes. The peak is not monotone in the fraction (recomputing everything
     can move work to where more is live; the rematerialize pass then keeps the unpartitioned graph), so a
@@ -68,7 +70,7 @@ def fit(joint: fx.GraphModule, plan: Plan, passes, budget: int) -> Fitted:
 
     def at(fraction):
         if fraction not in tried:
-            tried[fraction] = _attempt(joint, plan, passes, fraction)
+            tried[fraction] = _attempt(joint, plan, passes, fraction, fused)
         return tried[fraction]
 
     if at(1.0)[3].peak > budget:

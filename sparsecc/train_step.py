@@ -242,7 +242,7 @@ class TrainStep:
         joint, results, graphs = self._run_passes(joint, plan)
         results[:0] = capture_passes
         updates = joint.meta["sparsecc_updates"]
-        timeline = memory.liveness(joint)
+        timeline = memory.liveness(joint, fused=self.config.executor == "inductor")
         report = Report(graphs=graphs, passes=results,
                         params=[(p.name, rule_name(p.rule), p.shape) for p in plan.params],
                         timeline=timeline)
@@ -281,7 +281,8 @@ class TrainStep:
             return joint, results, graphs
         start = time.perf_counter()
         with progress.waiting(f"fitting the step into memory_budget={human(self.memory_budget)}"):
-            fitted = memory_budget.fit(joint, plan, self._passes, self.memory_budget)
+            fitted = memory_budget.fit(joint, plan, self._passes, self.memory_budget,
+                                       fused=self.config.executor == "inductor")
         choice = PassResult("memory_budget", seconds=time.perf_counter() - start)
         choice.counts.update(budget_bytes=self.memory_budget, peak_bytes=fitted.chosen.peak,
                              extra_flops=fitted.chosen.flops - fitted.points[-1].flops,
@@ -379,7 +380,8 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     reads the weight masked (weight * mask).
 
     memory_budget (bytes, or a string such as "40MB"): the most the step may allocate above the resident
-    parameters, optimizer state and batch, as the liveness model counts it (report stats peak_bytes_estimate).
+    parameters, optimizer state and batch, as the executor's liveness model counts it (report stats
+    peak_bytes_estimate; for Inductor the model leaves out what its kernels fuse away or write in place).
     The backward then recomputes just enough of the forward, instead of keeping it, to fit; the report's
     "memory_budget" entry lists the trade-off points tried. A budget below the lowest reachable peak is a
     ConfigError that states that floor.

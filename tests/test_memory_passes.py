@@ -44,6 +44,23 @@ def test_liveness_bytes_counted_by_hand():
     assert timeline.peak == 8004
 
 
+def test_fused_liveness_counted_by_hand():
+    """As Inductor runs it: a pointwise value read only by pointwise ops is never stored, and a pointwise
+    kernel writes into a same-sized input that dies there. x: [4, 8], w: [8, 16] float32 (inputs: resident)."""
+    def f(x, w):
+        a = x * 2                  # mul      pointwise, read only by add: fused away       plain +128
+        b = a + 1                  # add      +128 (read by mm: stored)                     plain +128; a freed
+        c = b @ w                  # mm       +256; b freed after                           384 -> 256
+        d = c.relu()               # relu     fused away (read only by mul_1)               plain 512 -> 256
+        return d * 3               # mul_1    reads c (through d), which dies here and has its size: reused
+    gm = make_fx(f)(torch.randn(4, 8), torch.randn(8, 16))
+    plain, fused = liveness(gm), liveness(gm, fused=True)
+    assert plain.names == fused.names == ["mul", "add", "mm", "relu", "mul_1"]
+    assert plain.live_bytes == [128, 256, 384, 512, 512]
+    assert fused.live_bytes == [0, 128, 384, 256, 256]
+    assert (plain.peak, fused.peak) == (512, 384)
+
+
 # ---- reorder_for_memory -----------------------------------------------------------------------------------
 
 def big_temporary_then_small_residents(x, y):

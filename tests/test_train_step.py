@@ -198,12 +198,14 @@ def test_no_full_size_gradient_for_channels_parameters():
     assert step.report.stats["updates_fused"] == 4
 
 
-@pytest.mark.slow      # ~7 s; test_memory_model_and_measurement checks a measurement in the quick loop
-def test_memory_estimate_within_ten_percent_of_measurement_eager_executor():
+@pytest.mark.slow      # 7-15 s; test_memory_model_and_measurement checks a measurement in the quick loop
+@pytest.mark.parametrize("executor", ["eager", "inductor"])
+def test_memory_estimate_within_ten_percent_of_measurement(executor):
+    """The liveness model of each executor (for Inductor: fused pointwise values and in-place buffer reuse)."""
     model, _ = make("transformer")
     x, y, loss_fn = data("transformer")
     step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.AdamW(lr=1e-3),
-                                       update=SCHEMES["transformer"]["mixed"], example_inputs=(x, y), executor="eager")
+                                       update=SCHEMES["transformer"]["mixed"], example_inputs=(x, y), executor=executor)
     step(x, y)
     measured = step.measure_memory(x, y)
     assert abs(step.report.stats["peak_bytes_estimate"] - measured) <= 0.1 * measured

@@ -73,6 +73,13 @@ def chunked(h, weight, bias, target, reduction: str, ignore_index: int, smoothin
             d_w if weight_grad else h.new_empty(0), d_b if weight_grad and bias is not None else h.new_empty(0))
 
 
+def workspace_bytes(h, weight, cast, chunk: int, input_grad: bool) -> int:
+    """The memory the op's own kernel holds besides its outputs, at most: one chunk's [rows, vocab] logits
+    buffer, and the hidden-state gradient's pieces before they are concatenated into the output."""
+    logits = chunk * weight.shape[0] * (cast or h.dtype).itemsize
+    return logits + (h.numel() * h.element_size() if input_grad else 0)
+
+
 @torch.library.custom_op("sparsecc::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                          reduction: str, ignore_index: int, smoothing: float, cast: torch.dtype | None, chunk: int,
