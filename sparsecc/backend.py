@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 
-from . import analysis, cost_model, progress
+from . import analysis, cost_model, memory_budget, progress
 from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame,
                      ddp_ignored, functorch_config, select_decomp_table)
 from .config import Channels, Config, ConfigError, rule_name
@@ -18,6 +18,7 @@ from .distributed import fsdp_sharded
 from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
 from .passes import ParamPlan, Plan
 from .passes.sparsify import Rewrite, sparsify
+from .memory import liveness
 from .pipeline import readable, run_passes, totals
 from .report import Report, register
 
@@ -44,16 +45,18 @@ class UnsupportedGraphError(RuntimeError):
 class SparseccPartitioner(CustomPartitionerFn):
     """Runs the pass pipeline on the joint graph, then min-cut partitions it; records a Report."""
 
-    def __init__(self, params: dict[int, tuple[str, torch.Tensor, object]], n_inputs: int, rewrite: Rewrite):
+    def __init__(self, params: dict[int, tuple[str, torch.Tensor, object]], n_inputs: int, rewrite: Rewrite,
+                 config: Config):
         # Dynamo input index -> (name, shape, rule); no tensors: Inductor's graph cache deep-copies this object
         self.params = {i: (n, tuple(p.shape), r) for i, (n, p, r) in params.items()}
         self.indices = {i: r.indices(p) for i, (_, p, r) in params.items() if isinstance(r, Channels)}
         self.n_inputs = n_inputs
         self.rewrite = rewrite        # what sparsify did to Dynamo's graph before AOTAutograd traced it
+        self.budget, self.fused = config.budget_bytes, config.executor == "inductor"
 
     def uuid(self):
         key = repr(sorted((i, n, shape, rule_name(r)) for i, (n, shape, r) in self.params.items()))
-        key += repr(self.rewrite.result.notes)
+        key += repr(self.rewrite.result.notes) + repr(self.budget)
         return hashlib.sha256(key.encode()).hexdigest()
 
     def plan(self, joint: fx.GraphModule, num_fwd_outputs: int) -> Plan:
@@ -74,8 +77,13 @@ class SparseccPartitioner(CustomPartitionerFn):
         plan = self.plan(joint, kwargs["num_fwd_outputs"])
         fw0, bw0 = min_cut_rematerialization_partition(clone_graph_module(joint), joint_inputs, **kwargs)
         results, graphs = run_passes(joint, plan)
-        fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
         n_out = plan.num_fwd_outputs
+        if self.budget is None:
+            fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        else:
+            (fw, bw), entry = memory_budget.fit(lambda f: self._partition(joint, joint_inputs, kwargs, f),
+                                                self.budget, "this graph")
+            results.append(entry)
         results.insert(0, self.rewrite.result)
         graphs = {**self.rewrite.graphs, **graphs}
         report = Report(graphs=graphs, passes=results,
@@ -94,6 +102,17 @@ class SparseccPartitioner(CustomPartitionerFn):
         }
         register(report)
         return fw, bw
+
+
+    def _partition(self, joint, joint_inputs, kwargs, fraction: float):
+        """Forward and backward at one activation_memory_budget fraction, and its point of the trade-off: the
+        peak is the forward's, or the tensors it saves plus the backward's, whichever is larger."""
+        fw, bw = min_cut_rematerialization_partition(clone_graph_module(joint), joint_inputs, **kwargs)
+        saved = analysis.saved_bytes(fw, kwargs["num_fwd_outputs"])
+        peak = max(liveness(fw, fused=self.fused).peak, saved + liveness(bw, fused=self.fused).peak)
+        flops = analysis.graph_flops(fw) + analysis.graph_flops(bw)
+        ops = sum(n.op == "call_function" for g in (fw, bw) for n in g.graph.nodes)
+        return (fw, bw), memory_budget.Point(fraction, peak, flops, ops)
 
 
 def _refuse_unreachable_fsdp(found: dict) -> None:
@@ -163,7 +182,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
     inputs = list(example_inputs) + rewrite.extra_inputs
     # the real parameters (Channels(select="magnitude") reads their values), also where Dynamo passed fakes
     partitioner = SparseccPartitioner({i: (n, params.get(n, p), rules[n]) for i, (n, p) in found.items()},
-                                      len(inputs), rewrite)
+                                      len(inputs), rewrite, config)
     what = "Inductor: usually 10-90 s" if config.executor == "inductor" else "eager executor"
     name = type(root).__name__ if root is not None else "graph"
     # the backward is compiled now, not at the first .backward() (AOTAutograd's default): the whole wait happens

@@ -13,7 +13,7 @@ from typing import Mapping, Union
 
 import torch
 
-from .errors import ConfigError, closest, human, where_parameters_live  # noqa: F401 - re-exported
+from .errors import ConfigError, closest, human, parse_budget, where_parameters_live  # noqa: F401 - re-exported
 from .sparsity import Sparsity
 
 
@@ -181,6 +181,9 @@ class Config:
         masked, weight * mask: the baseline the sparse kernels are measured against).
     fuse_loss: fuse an output projection with its cross-entropy loss, chunked over tokens, so the full
         logits never exist (passes/fuse_linear_cross_entropy.py); False computes them as the model does.
+    memory_budget: None, or bytes (an int or a size such as "40MB") the compiled training graph may allocate
+        above what is resident, as the executor's liveness model counts it: the backward recomputes just enough
+        of the forward to fit (memory_budget.py).
     """
 
     update: UpdateScheme | None = None
@@ -188,6 +191,7 @@ class Config:
     sparsity: object = None
     cost_model: str = "measure"
     fuse_loss: bool = True
+    memory_budget: object = None
 
     def __post_init__(self):
         if self.update is not None and not isinstance(self.update, UpdateScheme):
@@ -200,6 +204,13 @@ class Config:
             raise ConfigError(f"option 'fuse_loss' must be True or False, got {self.fuse_loss!r}")
         if self.executor not in _EXECUTORS:
             raise ConfigError(f"option 'executor' must be one of {_EXECUTORS}, got {self.executor!r}.{closest(str(self.executor), _EXECUTORS)}")
+        if self.memory_budget is not None:
+            parse_budget(self.memory_budget)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """memory_budget in bytes (None: no budget)."""
+        return None if self.memory_budget is None else parse_budget(self.memory_budget)
 
     @classmethod
     def from_options(cls, options: Mapping[str, object] | None) -> "Config":

@@ -24,10 +24,10 @@ from .capture import capture
 from .ops import linear_cross_entropy
 from .config import Channels, Config, ConfigError, rule_name
 from .distributed import fsdp_sharded
-from .graph import call, output_values, set_output_values
+from .graph import call, clone_graph_module, output_values, set_output_values
 from .optim import AdamW, SGD
-from .errors import human, parse_budget
-from .passes import ParamPlan, PassResult, Plan
+from .errors import human
+from .passes import ParamPlan, Plan
 from .passes.sparsify import sparsify_step
 from .pipeline import CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, readable, run_passes, totals
 from .report import Report, register
@@ -109,11 +109,9 @@ class _Compiled:
 class TrainStep:
     """A compiled training step. step(x, y) trains in place and returns the loss."""
 
-    def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs, comm=None,
-                 memory_budget: int | None = None):
+    def __init__(self, model, loss_fn, optimizer, config: Config, rules: dict, example_inputs, comm=None):
         self.model, self.loss_fn, self.optimizer, self.config, self.rules = model, loss_fn, optimizer, config, rules
         self.comm = comm            # (process group name, world size, bucket bytes) of a data-parallel step
-        self.memory_budget = memory_budget   # bytes the step may allocate above what is resident
         self._passes = TRAIN_STEP_PASSES if comm is None else DATA_PARALLEL_STEP_PASSES
         self.params = dict(model.named_parameters(remove_duplicate=False))   # tied weights under every name
         self.masks = {n: m.to(self.params[n].device) for n, m in getattr(model, "sparsecc_masks", {}).items()}
@@ -276,19 +274,25 @@ class TrainStep:
     def _run_passes(self, joint: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, list, dict]:
         """The training passes on joint; under a memory budget, on copies of it at the least recomputation
         whose modelled peak fits (memory_budget.py), recorded as a "memory_budget" entry of the report."""
-        if self.memory_budget is None:
+        budget = self.config.budget_bytes
+        if budget is None:
             results, graphs = run_passes(joint, plan, self._passes)
             return joint, results, graphs
+        fused = self.config.executor == "inductor"
+
+        def evaluate(fraction):
+            gm = clone_graph_module(joint)
+            gm.meta.update(joint.meta)
+            results, graphs = run_passes(gm, plan, self._passes)
+            point = memory_budget.Point(fraction, memory.liveness(gm, fused=fused).peak,
+                                        sum(analysis.split_flops(gm, plan.num_fwd_outputs)),
+                                        sum(n.op == "call_function" for n in gm.graph.nodes))
+            return (gm, results, graphs), point
         start = time.perf_counter()
-        with progress.waiting(f"fitting the step into memory_budget={human(self.memory_budget)}"):
-            fitted = memory_budget.fit(joint, plan, self._passes, self.memory_budget,
-                                       fused=self.config.executor == "inductor")
-        choice = PassResult("memory_budget", seconds=time.perf_counter() - start)
-        choice.counts.update(budget_bytes=self.memory_budget, peak_bytes=fitted.chosen.peak,
-                             extra_flops=fitted.chosen.flops - fitted.points[-1].flops,
-                             extra_ops=fitted.chosen.ops - fitted.points[-1].ops)
-        choice.notes = [f"{'chosen ' if p == fitted.chosen else ''}{p.describe()}" for p in fitted.points]
-        return fitted.graph, fitted.results + [choice], fitted.graphs
+        with progress.waiting(f"fitting the step into memory_budget={human(budget)}"):
+            (gm, results, graphs), entry = memory_budget.fit(evaluate, budget, "this step")
+        entry.seconds = time.perf_counter() - start
+        return gm, results + [entry], graphs
 
     # ---- running -----------------------------------------------------------------------------------
     def _inputs(self, leaves, updates) -> list[torch.Tensor]:
@@ -405,13 +409,13 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function (model output, y) -> scalar tensor, or None for the "
                           f"model's own loss; got {type(loss_fn).__name__}")
-    config = Config(update=update, executor=executor, fuse_loss=fuse_loss, cost_model=cost_model)
+    config = Config(update=update, executor=executor, fuse_loss=fuse_loss, cost_model=cost_model,
+                    memory_budget=memory_budget)
     model, process_group, bucket_cap_mb = _own_model(model, process_group, bucket_cap_mb)
     comm = _data_parallel(process_group, bucket_cap_mb)
-    budget = None if memory_budget is None else parse_budget(memory_budget)
     rules = config.scheme.resolve(dict(model.named_parameters(remove_duplicate=False)))
     x, y = (*example_inputs, None)[:2]
-    return TrainStep(model, loss_fn, optimizer, config, rules, (x, y), comm, budget)
+    return TrainStep(model, loss_fn, optimizer, config, rules, (x, y), comm)
 
 
 def _own_model(model, group, bucket_cap_mb):

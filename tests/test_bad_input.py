@@ -78,10 +78,12 @@ def test_tied_parameters_with_conflicting_rules():
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(sparsecc.ConfigError, match=r"unknown sparsecc option 'updte'.*\['update', 'executor', 'sparsity', 'cost_model', 'fuse_loss'\].*Did you mean: 'update'"):
+    with pytest.raises(sparsecc.ConfigError, match=r"unknown sparsecc option 'updte'.*\['update', 'executor', 'sparsity', 'cost_model', 'fuse_loss', 'memory_budget'\].*Did you mean: 'update'"):
         sparsecc.backend(updte=US.full())
     with pytest.raises(sparsecc.ConfigError, match="'executor'.*Did you mean: 'eager'"):
         sparsecc.backend(executor="eagr")
+    with pytest.raises(sparsecc.ConfigError, match=r"memory_budget '40 MBs' is not a size"):
+        sparsecc.backend(memory_budget="40 MBs")
     model, (x,) = make("mlp")
     with pytest.raises(sparsecc.ConfigError, match="unknown sparsecc option 'exector'"):
         sparsecc.explain(model, x, exector="eager")

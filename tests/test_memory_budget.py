@@ -56,3 +56,28 @@ def test_a_budget_below_the_floor_is_refused_with_the_floor_and_changes_nothing(
         assert torch.equal(value, before[name]), name
     with pytest.raises(sparsecc.ConfigError, match=r"memory_budget '2 parsecs' is not a size"):
         step(model, x, y, torch.nn.functional.mse_loss, memory_budget="2 parsecs")
+
+
+@pytest.mark.slow
+def test_the_backend_partitions_under_a_budget_with_the_same_gradients():
+    """torch.compile(backend="sparsecc", options={"memory_budget": ...}): the forward's peak, or the saved
+    tensors plus the backward's, fits the budget; the gradients are unchanged; below the floor it is refused."""
+    model, x, y, loss_fn = transformer_batch()
+
+    def grads(budget):
+        m = copy.deepcopy(model)
+        torch._dynamo.reset()
+        options = {"executor": "eager", "memory_budget": budget}
+        loss_fn(torch.compile(m, backend="sparsecc", options=options)(x), y).backward()
+        (choice,) = [p for p in sparsecc.reports()[-1].passes if p.name == "memory_budget"]
+        return {n: p.grad for n, p in m.named_parameters()}, choice
+    free, choice = grads(10 ** 12)                    # fits at once: the partition without a budget
+    assert choice.counts["extra_ops"] == 0 and choice.notes[-1].startswith("chosen fraction 1.000")
+    budget = int(choice.counts["peak_bytes"] * 0.85)
+    fitted, choice = grads(budget)
+    assert choice.counts["peak_bytes"] <= budget and choice.counts["extra_ops"] > 0
+    assert sum(note.startswith("chosen ") for note in choice.notes) == 1
+    for name, g in free.items():
+        torch.testing.assert_close(fitted[name], g, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(Exception, match=r"memory_budget 100 B is below the lowest peak found for this graph"):
+        grads(100)
