@@ -58,10 +58,10 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-artifact-"))
     t0 = time.perf_counter()
-    host_path = step.save(tmp / "host.sparsecc")
+    host_path = sparsecc.save(step, tmp / "host.sparsecc")
     t_save_host = time.perf_counter() - t0
     t0 = time.perf_counter()
-    all_path = step.save(tmp / "all.sparsecc", targets=["host", *X86, "aarch64"])
+    all_path = sparsecc.save(step, tmp / "all.sparsecc", targets=["host", *X86, "aarch64"])
     t_save_all = time.perf_counter() - t0
 
     dense = io.BytesIO()

@@ -95,7 +95,7 @@ def main():
             print(f"   step {i + 1}: loss {loss.item():.4f}")
 
     path = out / "finetune.sparsecc"
-    step.save(path, targets=["host", "x86_64", "aarch64"])
+    sparsecc.save(step, path, targets=["host", "x86_64", "aarch64"])
     print(f"\n2. saved {path} ({path.stat().st_size / 1e3:.0f} KB)\n")
     print(inspect(str(path)))
 

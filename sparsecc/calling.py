@@ -81,3 +81,13 @@ def flatten(value) -> tuple[list[torch.Tensor], Structure]:
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     constants = tuple((i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor))
     return tensors, Structure(spec, constants)
+
+
+MASK_PREFIX = "sparsecc_mask_"   # the step's buffer holding a sparse weight's mask (weight * mask)
+
+
+def first_alias(names: list[str], params: dict) -> list[int]:
+    """For each exported name, the index of the first name of the same tensor (tied weights are exported
+    once per name)."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(params[n]), i) for i, n in enumerate(names)]

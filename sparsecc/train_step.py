@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import analysis, cost_model, memory, memory_budget, progress
 from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_decompositions, inductor_config,
                      select_decomp_table, uncompiled, unwrapped)
-from .calling import Structure, call_model, flatten, leaf_names, model_loss
+from .calling import MASK_PREFIX, Structure, call_model, first_alias, flatten, leaf_names, model_loss
 from .capture import capture
 from .ops import linear_cross_entropy
 from .config import Channels, Config, ConfigError, rule_name
@@ -33,7 +33,6 @@ from .pipeline import CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASS
 from .report import Report, register
 
 
-MASK_PREFIX = "sparsecc_mask_"
 # sparsecc ops that exported programs carry as ATen ops (their runtimes know no sparsecc:: op)
 PORTABLE = {torch.ops.sparsecc.linear_cross_entropy.default: linear_cross_entropy.chunked}
 
@@ -69,13 +68,6 @@ def _check_loss(captured: fx.GraphModule, loss_fn) -> None:
         fix = ("pass labels= in the inputs so that the model computes its loss, or pass a loss_fn"
                if loss_fn is None else "reduce it, e.g. with .mean()")
         raise ConfigError(f"{what} must be a floating-point scalar tensor, got {got}; {fix}")
-
-
-def _first_alias(names: list[str], params: dict) -> list[int]:
-    """For each exported name, the index of the first name of the same tensor (tied weights are exported
-    once per name)."""
-    first: dict[int, int] = {}
-    return [first.setdefault(id(params[n]), i) for i, n in enumerate(names)]
 
 
 def _merge_tied(joint: fx.GraphModule, first: list[int], grads: list) -> list:
@@ -200,7 +192,7 @@ class TrainStep:
         by_name = {n.name: n for n in outs[n_fwd:]}
         grad_of = {param: by_name[node] for node, param in sig.backward_signature.gradients_to_parameters.items()}
         names = [name.removeprefix("model.") for name in sig.parameters]
-        first = _first_alias(names, self.params)
+        first = first_alias(names, self.params)
         grads = _merge_tied(joint, first, [grad_of.get(f"model.{n}") for n in names])
         set_output_values(joint, outs[:n_fwd] + grads)
         plans = tuple(ParamPlan(n, i, self.rules[n] if i == first[i] else "frozen",
@@ -333,11 +325,6 @@ class TrainStep:
         peak = memory.measure_peak(lambda: self(x, y))
         self.report.stats["peak_bytes_measured"] = peak
         return peak
-
-    def save(self, path, *, targets=("host",), example_inputs=None):
-        """Save this step as a deployable artifact (see sparsecc.save)."""
-        from .export import save
-        return save(self, path, targets=targets, example_inputs=example_inputs)
 
     def state_dict(self) -> dict:
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},

@@ -26,7 +26,7 @@ def main():
     losses = [float(step(x, y)) for _ in range(3)]
     counts = next(p.counts for p in step.report.passes if p.name == "all_reduce_gradients")
     try:
-        step.save(os.path.join(out, "never.sparsecc"))
+        sparsecc.save(step, os.path.join(out, "never.sparsecc"))
         refused = ""
     except sparsecc.ConfigError as e:
         refused = str(e)

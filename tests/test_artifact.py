@@ -73,7 +73,7 @@ def test_fresh_process_without_model_source_trains_like_the_step(tmp_path, optim
     data = batches(5, 40, (2, 16))
     for x, y in data[:2]:           # optimizer state and step count are not at their initial values
         step(x, y)
-    path = step.save(tmp_path / "t.sparsecc")
+    path = sparsecc.save(step, tmp_path / "t.sparsecc")
     k = 3
     np.savez(tmp_path / "data.npz", k=k, **{f"x{i}": x.numpy() for i, (x, _) in enumerate(data[2:])},
              **{f"y{i}": y.numpy() for i, (_, y) in enumerate(data[2:])})
@@ -105,7 +105,7 @@ def test_batchnorm_buffers_and_channels_through_an_artifact(tmp_path):
     # SGD: a conv feeding BatchNorm has near-zero gradient directions that Adam would blow up to lr-sized noise
     step = sparsecc.compile_train_step(model, F.cross_entropy, optimizer=sparsecc.SGD(0.05, momentum=0.9),
                                        update=scheme, example_inputs=(x, y), executor="eager")
-    runner = sparsecc.load(step.save(tmp_path / "c.sparsecc"))
+    runner = sparsecc.load(sparsecc.save(step, tmp_path / "c.sparsecc"))
     for _ in range(3):
         torch.testing.assert_close(runner.train_step(x, y), step(x, y))
     for name, buf in model.named_buffers():
@@ -130,7 +130,7 @@ def test_transformers_llama_with_keyword_inputs_on_host_and_x86(tmp_path):
     scheme = US({"*norm*": "full", "model.layers.1.mlp.*": sparsecc.Channels(0.5)})
     step = sparsecc.compile_train_step(model, lambda out, y: seq_loss(out.logits, y), optimizer=sparsecc.AdamW(1e-3),
                                        update=scheme, example_inputs=({"input_ids": ids}, y), executor="eager")
-    path = step.save(tmp_path / "llama.sparsecc", targets=["host", "x86_64"])
+    path = sparsecc.save(step, tmp_path / "llama.sparsecc", targets=["host", "x86_64"])
     host, x86 = sparsecc.load(path), sparsecc.load(path, target="x86_64")
     for _ in range(2):
         want = step({"input_ids": ids}, y)
@@ -146,7 +146,7 @@ def test_transformers_llama_with_keyword_inputs_on_host_and_x86(tmp_path):
 
 def test_sparse_weights_are_stored_compressed(tmp_path):
     step = sparse_transformer_step(sparsecc.SGD(0.1, momentum=0.9), d=64, heads=4, layers=2, vocab=48)
-    path = step.save(tmp_path / "s.sparsecc")
+    path = sparsecc.save(step, tmp_path / "s.sparsecc")
     manifest, files = archive.read(path)
     index_bytes = {"unstructured": 4, "nm": 1}
     compressed = 0
@@ -191,7 +191,7 @@ def tuned(tmp_path_factory):
     if platform.machine() != "x86_64":
         pytest.skip(f"compares against x86_64 modules run in process; this machine is {platform.machine()}")
     step = sparse_transformer_step(sparsecc.SGD(0.05, momentum=0.9), d=16, heads=2, layers=1, seq=8, vocab=24)
-    return step.save(tmp_path_factory.mktemp("tuned") / "edge.sparsecc", targets=TUNED), batches(2, 24, (2, 8))
+    return sparsecc.save(step, tmp_path_factory.mktemp("tuned") / "edge.sparsecc", targets=TUNED), batches(2, 24, (2, 8))
 
 
 def _assert_same_training(runners: dict, data, rtol=1e-5, atol=1e-5):
@@ -271,7 +271,7 @@ def test_target_names_are_checked_before_anything_is_compiled(small, tmp_path, m
                            f"for riscv64 name one of sifive-u74, spacemit-x60"}
     for target, message in bad.items():
         with pytest.raises(sparsecc.ConfigError, match=message):
-            step.save(tmp_path / "no.sparsecc", targets=["host", "x86_64", target])
+            sparsecc.save(step, tmp_path / "no.sparsecc", targets=["host", "x86_64", target])
     assert not (tmp_path / "no.sparsecc").exists()
     with pytest.raises(sparsecc.ConfigError, match=r"holds targets \['host'\], not 'x86_64:host'"):
         sparsecc.load(path, target="x86_64:host")
@@ -289,7 +289,7 @@ def test_each_cpu_target_module_is_built_for_its_machine(tmp_path):
     step = sparsecc.compile_train_step(model, F.mse_loss, optimizer=sparsecc.SGD(0.1), update=US.full(),
                                        example_inputs=(x, y), executor="eager")
     targets = ["x86_64", "aarch64", "riscv64", "x86_64:x86-64-v3", "riscv64:spacemit-x60"]
-    manifest, files = archive.read(step.save(tmp_path / "m.sparsecc", targets=targets))
+    manifest, files = archive.read(sparsecc.save(step, tmp_path / "m.sparsecc", targets=targets))
     assert manifest["targets"] == targets
     for target in targets:
         machine = {"x86_64": 62, "aarch64": 183, "riscv64": 243}[target.partition(":")[0]]
@@ -311,7 +311,7 @@ def small(tmp_path_factory):
     step = sparsecc.compile_train_step(model, F.mse_loss, optimizer=sparsecc.AdamW(1e-2),
                                        update=US({"fc2.*": "full", "fc3.bias": "full"}), example_inputs=(x, y),
                                        executor="eager")
-    path = step.save(tmp_path_factory.mktemp("small") / "m.sparsecc")
+    path = sparsecc.save(step, tmp_path_factory.mktemp("small") / "m.sparsecc")
     return path, path.read_bytes(), (x, y), step
 
 
@@ -448,7 +448,7 @@ def test_bad_save_and_load_requests_change_nothing(small, tmp_path):
     with pytest.raises(sparsecc.ConfigError, match="a TrainStep from sparsecc.compile_train_step or a model, got dict"):
         sparsecc.save({}, tmp_path / "no.sparsecc")
     with pytest.raises(sparsecc.ConfigError, match="unknown target 'arm64'.*Did you mean: 'aarch64'"):
-        step.save(tmp_path / "no.sparsecc", targets=["host", "arm64"])
+        sparsecc.save(step, tmp_path / "no.sparsecc", targets=["host", "arm64"])
     runner = sparsecc.load(path)
     with pytest.raises(sparsecc.ConfigError, match=r"holds targets \['host'\], not 'aarch64'"):
         sparsecc.load(path, target="aarch64")

@@ -31,7 +31,7 @@ def saved(tmp_path_factory):
     x, y = torch.randn(4, 8), torch.randn(4, 8)
     step = sparsecc.compile_train_step(model, F.mse_loss, optimizer=sparsecc.SGD(0.1), update=sparsecc.UpdateScheme.full(),
                                        example_inputs=(x, y), executor="eager")
-    return step.save(tmp_path_factory.mktemp("index") / "m.sparsecc").read_bytes(), (x, y)
+    return sparsecc.save(step, tmp_path_factory.mktemp("index") / "m.sparsecc").read_bytes(), (x, y)
 
 
 def resigned(blob: bytes, path, change) -> str:

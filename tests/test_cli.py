@@ -36,7 +36,7 @@ def saved(tmp_path_factory):
     step(x, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = step.save(tmp_path_factory.mktemp("cli") / "m.sparsecc")
+        path = sparsecc.save(step, tmp_path_factory.mktemp("cli") / "m.sparsecc")
     return path, caught
 
 

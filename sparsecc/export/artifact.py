@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_unflatten, treespec_loads
 from .. import progress
 from .._torch import uncompiled
 from ..calling import flatten
+from ..train_step import TrainStep, compile_train_step
 from ..config import ConfigError, closest, rule_name
 from . import archive, iree, layouts, programs
 from .archive import ArtifactError
@@ -78,7 +79,6 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
     `step` is a TrainStep, or a model (a torch.compile'd one included, e.g. with backend="sparsecc"): then
     loss_fn, optimizer, example_inputs and the update scheme build its training step with
     compile_train_step first (a compiled model carries no loss or optimizer to save)."""
-    from ..train_step import TrainStep, compile_train_step
     targets = _check_targets(targets)
     if isinstance(step, torch.nn.Module):
         if optimizer is None or example_inputs is None:

@@ -24,8 +24,7 @@ from torch.utils._pytree import tree_flatten, treespec_dumps
 from .._torch import serde
 from ..config import ConfigError
 from . import layouts
-from ..calling import Structure, call_model, flatten
-from ..train_step import MASK_PREFIX, _first_alias
+from ..calling import MASK_PREFIX, Structure, call_model, first_alias, flatten
 
 aten = torch.ops.aten
 LR, STEP, LOSS = "lr", "step", "loss"
@@ -253,7 +252,7 @@ class _Forward(torch.nn.Module):
 def first_names(step) -> dict[str, str]:
     """Each parameter name of step -> the first name of its tensor (itself unless the tensor is tied)."""
     names = list(step.params)
-    return {n: names[i] for n, i in zip(names, _first_alias(names, step.params))}
+    return {n: names[i] for n, i in zip(names, first_alias(names, step.params))}
 
 
 def forward_program(step, x, sparse: dict[str, torch.Tensor] | None = None) -> Program:
