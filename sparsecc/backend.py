@@ -19,8 +19,7 @@ from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_ro
 from .passes import ParamPlan, Plan
 from .passes.sparsify import Rewrite, sparsify
 from .memory import liveness
-from .pipeline import readable, run_passes, totals
-from .report import Report, register
+from .pipeline import assemble_report, readable, run_passes
 
 
 class _QuietFakeTensorMetaFailure(logging.Filter):
@@ -85,22 +84,15 @@ class SparseccPartitioner(CustomPartitionerFn):
                                                 self.budget, "this graph")
             results.append(entry)
         results.insert(0, self.rewrite.result)
-        graphs = {**self.rewrite.graphs, **graphs}
-        report = Report(graphs=graphs, passes=results,
-                        params=[(p.name, rule_name(p.rule), p.shape) for p in plan.params])
-        report.graphs.update({"forward/before": readable(fw0), "backward/before": readable(bw0),
-                              "forward/after": readable(fw), "backward/after": readable(bw)})
-        report.stats = {
+        graphs = {**self.rewrite.graphs, **graphs, "forward/before": readable(fw0), "backward/before": readable(bw0),
+                  "forward/after": readable(fw), "backward/after": readable(bw)}
+        assemble_report(plan, results, graphs, {
             # "before" is plain autograd training every parameter with dense weights: a sparse weight's GEMMs
             # count as the dense GEMMs they replace, so the headline includes what the sparse ops save
             "backward_flops_before": analysis.graph_flops(bw0, dense=True), "backward_flops_after": analysis.graph_flops(bw),
             "forward_flops_before": analysis.graph_flops(fw0, dense=True), "forward_flops_after": analysis.graph_flops(fw),
             "saved_bytes_before": analysis.saved_bytes(fw0, n_out), "saved_bytes_after": analysis.saved_bytes(fw, n_out),
-            "backward_nodes_before": len(bw0.graph.nodes), "backward_nodes_after": len(bw.graph.nodes),
-            **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "sparse_ops", "sparse_refused",
-                     "sparse_flops_saved"),
-        }
-        register(report)
+            "backward_nodes_before": len(bw0.graph.nodes), "backward_nodes_after": len(bw.graph.nodes)})
         return fw, bw
 
 

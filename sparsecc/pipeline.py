@@ -6,6 +6,7 @@ import time
 
 import torch.fx as fx
 
+from .config import rule_name
 from .graph import output_values
 from .passes import PassResult, Plan
 from .passes.all_reduce_gradients import all_reduce_gradients
@@ -15,6 +16,7 @@ from .passes.prune_backward import prune_backward
 from .passes.rematerialize import rematerialize
 from .passes.reorder_for_memory import reorder_for_memory
 from .passes.subtensor_grads import subtensor_grads
+from .report import Report, register
 
 CAPTURE_PASSES = [     # on the captured forward + loss of a training step, before the joint trace
     fuse_linear_cross_entropy,   # output projection + cross-entropy chunked over tokens: no full logits
@@ -74,6 +76,21 @@ def verify(gm: fx.GraphModule, plan: Plan, n_outputs: int, pass_name: str) -> No
         if grad is not None and tuple(grad.meta["val"].shape) != p.shape:
             raise PassVerificationError(
                 f"after pass {pass_name}: gradient of {p.name} has shape {tuple(grad.meta['val'].shape)}, expected {p.shape}")
+
+
+COUNTS = ("grads_pruned", "grads_sliced", "nodes_removed", "updates_fused", "losses_fused", "logits_bytes_avoided",
+          "sparse_ops", "sparse_refused", "sparse_flops_saved")   # passes' counts a report sums
+
+
+def assemble_report(plan: Plan, results: list[PassResult], graphs: dict[str, str], stats: dict,
+                    timeline=None) -> Report:
+    """How both entry points record a compilation: each parameter's rule, every pass's result and graph, the
+    entry point's own measures (stats) and the passes' summed COUNTS; registered for sparsecc.reports()."""
+    report = Report(graphs=graphs, passes=results, params=[(p.name, rule_name(p.rule), p.shape) for p in plan.params],
+                    timeline=timeline)
+    report.stats = {**stats, **totals(results, *COUNTS)}
+    register(report)
+    return report
 
 
 def totals(results: list[PassResult], *keys: str) -> dict[str, int]:

@@ -32,7 +32,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import memory
-from .config import Channels, ConfigError, Rule, UpdateScheme, closest, human, rule_name
+from .config import Channels, ConfigError, Rule, UpdateScheme, human, rule_name
 from .errors import parse_budget  # noqa: F401 - re-exported (sparsecc.search.parse_budget)
 from .graph import clone_graph_module
 from .optim import AdamW, SGD

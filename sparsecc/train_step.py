@@ -22,15 +22,16 @@ from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_de
 from .calling import MASK_PREFIX, Structure, call_model, first_alias, flatten, leaf_names, model_loss
 from .capture import capture
 from .ops import linear_cross_entropy
-from .config import Channels, Config, ConfigError, rule_name
+from .config import Channels, Config, ConfigError
 from .distributed import fsdp_sharded
 from .graph import call, clone_graph_module, output_values, set_output_values
 from .optim import AdamW, SGD
 from .errors import human
 from .passes import ParamPlan, Plan
 from .passes.sparsify import sparsify_step
-from .pipeline import CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, readable, run_passes, totals
-from .report import Report, register
+from .pipeline import (CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, assemble_report, readable,
+                       run_passes)
+from .report import Report
 
 
 # sparsecc ops that exported programs carry as ATen ops (their runtimes know no sparsecc:: op)
@@ -233,19 +234,11 @@ class TrainStep:
         results[:0] = capture_passes
         updates = joint.meta["sparsecc_updates"]
         timeline = memory.liveness(joint, fused=self.config.executor == "inductor")
-        report = Report(graphs=graphs, passes=results,
-                        params=[(p.name, rule_name(p.rule), p.shape) for p in plan.params],
-                        timeline=timeline)
         after = analysis.split_flops(joint, plan.num_fwd_outputs)
-        report.graphs["train_step/final"] = readable(joint)
-        report.stats = {
+        report = assemble_report(plan, results, {**graphs, "train_step/final": readable(joint)}, {
             "backward_flops_before": before[1], "backward_flops_after": after[1],
-            "forward_flops": after[0], "peak_bytes_estimate": timeline.peak,
-            **totals(results, "grads_pruned", "grads_sliced", "nodes_removed", "updates_fused", "losses_fused",
-                     "logits_bytes_avoided", "sparse_ops", "sparse_refused", "sparse_flops_saved"),
-        }
+            "forward_flops": after[0], "peak_bytes_estimate": timeline.peak}, timeline)
         seconds["passes"] = sum(r.seconds for r in results)
-        register(report)
         for name, shape in updates:
             self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
                                                         device=self.params[name].device)
