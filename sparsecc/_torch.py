@@ -52,21 +52,23 @@ def functional_collectives():
     return ops.all_reduce.default, ops.wait_tensor.default
 
 
-def uncompiled(module):
-    """The module a torch.compile'd OptimizedModule wraps (its _orig_mod), or the module itself."""
-    return getattr(module, "_orig_mod", module)
+def wrappers(module):
+    """module, then each module it wraps under any stack of torch.compile (OptimizedModule._orig_mod) and DDP
+    (.module), down to the user's own model. FSDP2's fully_shard changes a module's class in place and keeps
+    its names, so it adds no level."""
+    from torch.nn.parallel import DistributedDataParallel
+    while True:
+        yield module
+        inner = module.module if isinstance(module, DistributedDataParallel) else getattr(module, "_orig_mod", module)
+        if inner is module:
+            return
+        module = inner
 
 
 def unwrapped(module):
-    """The user's own model under any stack of torch.compile (OptimizedModule._orig_mod) and DDP (.module)
-    wrappers: the module whose parameter names update schemes use. FSDP2's fully_shard changes a module's
-    class in place and keeps its names, so there is nothing to strip."""
-    from torch.nn.parallel import DistributedDataParallel
-    while True:
-        inner = module.module if isinstance(module, DistributedDataParallel) else uncompiled(module)
-        if inner is module:
-            return module
-        module = inner
+    """The user's own model under its wrappers: the module whose parameter names update schemes use."""
+    *_, own = wrappers(module)
+    return own
 
 
 def active_ddp():

@@ -95,16 +95,13 @@ class SparseccPartitioner(CustomPartitionerFn):
             "backward_nodes_before": len(bw0.graph.nodes), "backward_nodes_after": len(bw.graph.nodes)})
         return fw, bw
 
-
     def _partition(self, joint, joint_inputs, kwargs, fraction: float):
         """Forward and backward at one activation_memory_budget fraction, and its point of the trade-off: the
         peak is the forward's, or the tensors it saves plus the backward's, whichever is larger."""
         fw, bw = min_cut_rematerialization_partition(clone_graph_module(joint), joint_inputs, **kwargs)
         saved = analysis.saved_bytes(fw, kwargs["num_fwd_outputs"])
         peak = max(liveness(fw, fused=self.fused).peak, saved + liveness(bw, fused=self.fused).peak)
-        flops = analysis.graph_flops(fw) + analysis.graph_flops(bw)
-        ops = sum(n.op == "call_function" for g in (fw, bw) for n in g.graph.nodes)
-        return (fw, bw), memory_budget.Point(fraction, peak, flops, ops)
+        return (fw, bw), memory_budget.point(fraction, peak, fw, bw)
 
 
 def _refuse_unreachable_fsdp(found: dict) -> None:

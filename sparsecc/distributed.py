@@ -79,13 +79,15 @@ def data_parallel(model, scheme: UpdateScheme, **ddp_kwargs) -> DistributedDataP
                           "model (or torch.compile(model, ...)), not a DDP")
     if not isinstance(scheme, UpdateScheme):
         raise ConfigError(f"sparsecc.data_parallel needs an UpdateScheme, got {type(scheme).__name__}")
-    rules = scheme.resolve(dict(unwrapped(model).named_parameters(remove_duplicate=False)))
-    frozen = {id(p) for n, p in unwrapped(model).named_parameters(remove_duplicate=False) if rules[n] == "frozen"}
+    own = dict(unwrapped(model).named_parameters(remove_duplicate=False))
+    rules = scheme.resolve(own)
+    frozen = {id(p) for n, p in own.items() if rules[n] == "frozen"}
     names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in frozen]
     group = ddp_kwargs.get("process_group") or dist.group.WORLD
     with torch.no_grad():
-        for p in dict.fromkeys(p for p in model.parameters() if id(p) in frozen):
-            dist.broadcast(p, src=dist.get_global_rank(group, 0), group=group)
+        for p in model.parameters():                  # each tensor once
+            if id(p) in frozen:
+                dist.broadcast(p, src=dist.get_global_rank(group, 0), group=group)
     ddp_ignore(model, names)
     ddp = DistributedDataParallel(model, **ddp_kwargs)
     ddp.sparsecc_comm = TrainedOnlyHook(ddp, rules)

@@ -103,16 +103,16 @@ def liveness(gm: fx.GraphModule, order: list[fx.Node] | None = None, *, fused: b
     for out in gm.graph.output_node().all_input_nodes:
         last_use[roots[out]] = end
     frees: dict[int, int] = {}
-    reusable: set[fx.Node] = set()      # stored values whose memory the executor has handed on already
+    taken: set[fx.Node] = set()         # stored values whose memory a later kernel has taken over already
     live, timeline = 0, []
     for i, node in enumerate(order):
         if roots[node] is node and node not in away:
             size = nbytes(node.meta.get("val"))
-            donor = _donor(node, size, i, _reads(node, away, memo), roots, last_use, reusable) if fused else None
+            donor = _donor(node, size, i, _reads(node, away, memo), roots, last_use, taken) if fused else None
             if donor is None:
                 live += size
             else:                       # the kernel writes into an input that dies here: no new memory
-                reusable.add(donor)
+                taken.add(donor)
                 frees[i] -= size
             frees[last_use[node]] = frees.get(last_use[node], 0) + size
         timeline.append(live + _workspace(node))

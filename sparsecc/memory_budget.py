@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._torch import functorch_config
+from .analysis import graph_flops
 from .errors import ConfigError, human
 from .passes import PassResult
 
@@ -34,6 +35,12 @@ class Point:
 
     def describe(self) -> str:
         return f"fraction {self.fraction:.3f}: peak {human(self.peak)}, {self.flops / 1e9:.3f} GFLOP, {self.ops} ops"
+
+
+def point(fraction: float, peak: int, *graphs) -> Point:
+    """The trade-off point of graphs (a whole step, or a forward and its backward) whose modelled peak is peak."""
+    return Point(fraction, peak, sum(graph_flops(g) for g in graphs),
+                 sum(n.op == "call_function" for g in graphs for n in g.graph.nodes))
 
 
 def fit(evaluate, budget: int, what: str) -> tuple[object, PassResult]:

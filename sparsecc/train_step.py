@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import analysis, cost_model, memory, memory_budget, progress
 from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_decompositions, inductor_config,
-                     select_decomp_table, uncompiled, unwrapped)
+                     select_decomp_table, unwrapped, wrappers)
 from .calling import MASK_PREFIX, Structure, call_model, first_alias, flatten, leaf_names, model_loss
 from .capture import capture
 from .ops import linear_cross_entropy
@@ -269,10 +269,7 @@ class TrainStep:
             gm = clone_graph_module(joint)
             gm.meta.update(joint.meta)
             results, graphs = run_passes(gm, plan, self._passes)
-            point = memory_budget.Point(fraction, memory.liveness(gm, fused=fused).peak,
-                                        sum(analysis.split_flops(gm, plan.num_fwd_outputs)),
-                                        sum(n.op == "call_function" for n in gm.graph.nodes))
-            return (gm, results, graphs), point
+            return (gm, results, graphs), memory_budget.point(fraction, memory.liveness(gm, fused=fused).peak, gm)
         start = time.perf_counter()
         with progress.waiting(f"fitting the step into memory_budget={human(budget)}"):
             (gm, results, graphs), entry = memory_budget.fit(evaluate, budget, "this step")
@@ -402,10 +399,8 @@ def _own_model(model, group, bucket_cap_mb):
     """(the user's model under torch.compile / DDP wrappers, process group, bucket size): a DDP wrapper makes
     the step data-parallel over DDP's group with DDP's bucket size, unless process_group= says otherwise.
     An FSDP2-sharded model holds shards, not the parameters the step updates in place: refused."""
-    ddp = model
-    while not isinstance(ddp, DistributedDataParallel) and uncompiled(ddp) is not ddp:
-        ddp = uncompiled(ddp)
-    if isinstance(ddp, DistributedDataParallel) and group is None:
+    ddp = next((m for m in wrappers(model) if isinstance(m, DistributedDataParallel)), None)
+    if ddp is not None and group is None:
         group, bucket_cap_mb = ddp.process_group, ddp.bucket_bytes_cap / 2 ** 20
     model = unwrapped(model)
     sharded = fsdp_sharded(model)

@@ -24,7 +24,6 @@ import torch
 from torch.utils._pytree import tree_unflatten, treespec_loads
 
 from .. import progress
-from .._torch import uncompiled
 from ..calling import flatten
 from ..train_step import TrainStep, compile_train_step
 from ..config import ConfigError, closest, rule_name
@@ -88,7 +87,7 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
                               f"sparsecc.compile_train_step")
         # this step is only the source of the exported programs (which compute sparse weights as weight * mask):
         # it never runs here, so neither Inductor nor the sparse kernels' cost model is worth its time
-        step = compile_train_step(uncompiled(step), loss_fn, optimizer=optimizer, update=update,
+        step = compile_train_step(step, loss_fn, optimizer=optimizer, update=update,
                                   example_inputs=example_inputs, executor="eager", cost_model="dense")
     elif not isinstance(step, TrainStep):
         raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step or a model, "
