@@ -23,7 +23,6 @@ from sparsecc.ops import native
 from sparsecc.sparse_weights import SparseWeight
 from sparsecc.sparsity import NM, Blocks, Unstructured
 
-ops = torch.ops.sparsecc
 warnings.filterwarnings("ignore", ".*Sparse (CSR|BSR) tensor support is in beta.*")
 warnings.filterwarnings("ignore", ".*Sparse invariant checks.*")
 
@@ -44,16 +43,7 @@ def layer_case(size, tokens, pattern):
     def dense():
         x @ w.T, g @ w, g.T @ x
 
-    if block:
-        def sparsecc_ops():
-            ops.block_sparse_mm(x, values, i["rows"], i["cols"], size)
-            ops.block_sparse_mm_t(g, values, i["rows"], i["cols"], size)
-            ops.block_sddmm(g, x, i["rows"], i["cols"], block)
-    else:
-        def sparsecc_ops():
-            ops.csr_mm(x, values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], size)
-            ops.csr_mm_t(g, values, i["t_crow"], i["t_col"], i["t_perm"], size)
-            ops.csr_sddmm(g, x, i["crow"], i["col"])
+    sparsecc_ops = sw.format.steps(i, values, x, g, size, size, sw.block)   # the kernels the cost model times
 
     def torch_sparse():
         torch.sparse.mm(w_sp, x.T)

@@ -16,7 +16,7 @@ from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, 
 from .config import Channels, Config, ConfigError, rule_name
 from .distributed import fsdp_sharded
 from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
-from .passes import ParamPlan, Plan
+from .passes import Plan
 from .passes.sparsify import Rewrite, sparsify
 from .memory import liveness
 from .pipeline import assemble_report, readable, run_passes
@@ -48,7 +48,7 @@ class SparseccPartitioner(CustomPartitionerFn):
                  config: Config):
         # Dynamo input index -> (name, shape, rule); no tensors: Inductor's graph cache deep-copies this object
         self.params = {i: (n, tuple(p.shape), r) for i, (n, p, r) in params.items()}
-        self.indices = {i: r.indices(p) for i, (_, p, r) in params.items() if isinstance(r, Channels)}
+        self.channels = {n: r.indices(p) for n, p, r in params.values() if isinstance(r, Channels)}
         self.n_inputs = n_inputs
         self.rewrite = rewrite        # what sparsify did to Dynamo's graph before AOTAutograd traced it
         self.budget, self.fused = config.budget_bytes, config.executor == "inductor"
@@ -64,13 +64,13 @@ class SparseccPartitioner(CustomPartitionerFn):
             raise UnsupportedGraphError(
                 f"the joint graph has {len(primals)} primal inputs but Dynamo passed {self.n_inputs}; "
                 f"sparsecc cannot tell which input is which parameter")
-        plans = []
-        for i, (name, want, rule) in self.params.items():
+        for i, (name, want, _) in self.params.items():
             shape = tuple(primals[i].meta["val"].shape)
             if shape != want:
                 raise UnsupportedGraphError(f"joint input {i} has shape {shape}, but {name} has {want}")
-            plans.append(ParamPlan(name, i, rule, shape, self.indices.get(i), name in self.rewrite.sparse_params))
-        return Plan(tuple(plans), num_fwd_outputs)
+        return Plan.build([(i, n, shape) for i, (n, shape, _) in self.params.items()],
+                          {n: r for n, _, r in self.params.values()}, self.channels, self.rewrite.sparse_params,
+                          num_fwd_outputs)
 
     def __call__(self, joint: fx.GraphModule, joint_inputs, **kwargs):
         plan = self.plan(joint, kwargs["num_fwd_outputs"])

@@ -231,22 +231,9 @@ def _sparse_steps(shape: LinearShape, sw, values, x, g, impl: str = "ell"):
     the sparsecc:: ops (which dispatch to the Triton launchers on the Triton path), or for an N:M weight on the
     Triton path its N:M kernels (`impl` "ell") or sparse tensor cores ("semi": forward; "semiT": forward and input
     gradient, a transposable 2:4 weight)."""
-    ops = torch.ops.sparsecc
-    if shape.fmt == "blocks":
-        rows, cols = sw.index["rows"], sw.index["cols"]
-
-        def sparse():
-            ops.block_sparse_mm(x, values, rows, cols, shape.out)
-            ops.block_sparse_mm_t(g, values, rows, cols, shape.inp)
-            ops.block_sddmm(g, x, rows, cols, shape.block)
-        return sparse
-    i = sw.index
     if not shape.pattern:
-        def sparse():
-            ops.csr_mm(x, values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], shape.out)
-            ops.csr_mm_t(g, values, i["t_crow"], i["t_col"], i["t_perm"], shape.inp)
-            ops.csr_sddmm(g, x, i["crow"], i["col"])
-        return sparse
+        return sw.format.steps(sw.index, values, x, g, shape.out, shape.inp, shape.block)
+    i = sw.index
     from .ops import semi_structured
     from .ops.device import triton_kernels
     T, m = triton_kernels(), _nm_of(shape.pattern).m

@@ -24,7 +24,6 @@ import torch
 
 from .config import ConfigError, closest
 from .sparse_registry import registered
-from .sparsity import NM, Blocks
 
 _METHODS = ("rigl", "set", "magnitude")
 
@@ -85,9 +84,10 @@ class DynamicSparsity:
             raise ConfigError(f"DynamicSparsity params={self.params!r} matches no sparse weight."
                               f"{closest(self.params, masks)}")
         for name in moving:
-            if isinstance(model.sparsecc_patterns[name], NM):
-                raise ConfigError(f"DynamicSparsity cannot move {name!r}: an NM pattern fixes the count per group; "
-                                  f"use Unstructured or Blocks, or leave it out with params=")
+            if not model.sparsecc_patterns[name].movable:
+                raise ConfigError(f"DynamicSparsity cannot move {name!r}: {model.sparsecc_patterns[name]} fixes where "
+                                  f"its entries may be (an NM pattern: the count per group); use Unstructured or "
+                                  f"Blocks, or leave it out with params=")
         if not self.due(step):
             return {}
         if self.method == "rigl" and grads is None:
@@ -114,7 +114,7 @@ class DynamicSparsity:
 
     def update(self, mask, weight, grad, pattern, step, gen, support) -> torch.Tensor:
         """The new mask of one weight (pure: nothing is written)."""
-        b = pattern.size if isinstance(pattern, Blocks) else 1
+        b = pattern.unit
         live, w_score = _units(mask, b, "any"), _units(weight.square(), b, "sum")
         if self.method == "magnitude":
             initial = _units(support, b, "any").float().mean().item()

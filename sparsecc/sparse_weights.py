@@ -8,22 +8,35 @@ A SparseWeight owns
     dense    float, the weight's shape: the mask for uses that stay dense
 Because all of these are graph inputs updated in place, a mask update never recompiles.
 
-Formats: "blocks" (square blocks, sparsecc::block_sparse_mm) for Blocks patterns; "csr" for NM patterns
-(sparsecc::nm_mm: N entries in every group of M, so the Triton path reads the CSR as ELL), Unstructured
-patterns and masks picked up from torch.nn.utils.prune / parametrize (sparsecc::csr_mm).
+Formats (FORMATS below): "blocks" (square blocks, sparsecc::block_sparse_mm) and "csr" (entries: sparsecc::csr_mm,
+or sparsecc::nm_mm for an N:M support, whose Triton path reads the CSR as ELL). A pattern names its format
+(sparsity.Pattern); masks picked up from torch.nn.utils.prune / parametrize are stored as Unstructured CSR.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .ops.block_sparse import block_index, block_values
 from .ops.csr import to_csr
-from .sparsity import NM, Blocks, Pattern
+from .sparsity import Pattern
 
-_CSR_KEYS = ("flat", "crow", "col", "t_crow", "t_col", "t_perm")
-_BLOCK_KEYS = ("rows", "cols")
+
+@dataclass(frozen=True)
+class Format:
+    """A compressed layout of a sparse weight and the functions that read it."""
+
+    name: str
+    keys: tuple[str, ...]          # its index tensors, in the order its rewritten call takes them
+    gather_keys: tuple[str, ...]   # those the stored values are gathered by (the first counts them)
+    stored: str                    # what one stored item is: "blocks" or "entries"
+    build: Callable                # (bool matrix [out, in], block) -> {key: index tensor}
+    values: Callable               # (weight matrix, block, [gather index tensors]) -> stored values (differentiable)
+    linear: Callable               # what a rewritten linear calls: (x, weight, bias, static_arg, keep, *index)
+    steps: Callable                # (index dict, values, x, g, out, inp, block) -> a callable running forward +
+                                   # both gradients on its kernels (the cost model times it)
 
 
 @dataclass(eq=False)      # identity semantics: held in weak sets (sparse_registry)
@@ -45,51 +58,34 @@ class SparseWeight:
         return sw
 
     @property
-    def format(self) -> str:
-        return "blocks" if isinstance(self.pattern, Blocks) else "csr"
+    def format(self) -> Format:
+        return FORMATS[self.pattern.format]
 
     @property
     def block(self) -> int:
-        return self.pattern.size if isinstance(self.pattern, Blocks) else 1
-
-    @property
-    def op(self) -> str:
-        """The sparsecc:: forward op of a rewritten call."""
-        return "block_sparse_mm" if self.format == "blocks" else "nm_mm" if isinstance(self.pattern, NM) else "csr_mm"
-
-    @property
-    def static_arg(self) -> int:
-        """The constant a rewritten call passes: the block size (blocks), M (N:M) or 0 (unstructured CSR)."""
-        return self.pattern.m if isinstance(self.pattern, NM) else self.block if self.format == "blocks" else 0
+        return self.pattern.unit if self.format.name == "blocks" else 1
 
     @property
     def nnz(self) -> int:
-        """Stored entries: blocks for "blocks", scalars for "csr"."""
-        return self.index["rows" if self.format == "blocks" else "flat"].shape[0]
+        """Stored items: blocks for "blocks", scalars for "csr"."""
+        return self.index[self.format.gather_keys[0]].shape[0]
 
     @property
     def density(self) -> float:
         return self.support.float().mean().item()
 
     def describe(self) -> str:
-        kind = f"blocks {self.block}x{self.block}" if self.format == "blocks" else "CSR"
+        kind = f"blocks {self.block}x{self.block}" if self.format.name == "blocks" else "CSR"
         return f"{kind}, {self.pattern}, density {self.density:.3f}"
 
     def _index(self, support: torch.Tensor) -> dict[str, torch.Tensor]:
         m = _matrix(support)
-        if isinstance(self.pattern, NM) and (m.reshape(m.shape[0], -1, self.pattern.m).sum(2) != self.pattern.n).any():
-            raise ValueError(f"{self.name}: the support is not {self.pattern} (every group of {self.pattern.m} "
-                             f"inputs must hold exactly {self.pattern.n} entries)")
-        if isinstance(self.pattern, NM) and self.pattern.transposable and \
-                (m.t().reshape(m.shape[1], -1, self.pattern.m).sum(2) != self.pattern.n).any():
-            raise ValueError(f"{self.name}: the support is not {self.pattern} (its transpose must be "
-                             f"{self.pattern.n}:{self.pattern.m} too)")
-        return dict(zip(_BLOCK_KEYS, block_index(m, self.block))) if self.format == "blocks" else to_csr(m)
+        self.pattern.check_support(self.name, m)
+        return self.format.build(m, self.block)
 
     def inputs(self) -> list[torch.Tensor]:
         """The graph inputs a rewritten op reads, in the order its function takes them."""
-        keys = _BLOCK_KEYS if self.format == "blocks" else _CSR_KEYS
-        return [self.keep] + [self.index[k] for k in keys]
+        return [self.keep] + [self.index[k] for k in self.format.keys]
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor, *, support: torch.Tensor | None = None) -> None:
@@ -102,19 +98,18 @@ class SparseWeight:
             index = self._index(support)
             if any(t.shape != self.index[k].shape for k, t in index.items()):
                 raise ValueError(f"{self.name}: a mask update must keep the number of nonzeros "
-                                 f"({self.nnz} {'blocks' if self.format == 'blocks' else 'entries'})")
+                                 f"({self.nnz} {self.format.stored})")
             self.support.copy_(support)
             for k, t in index.items():
                 self.index[k].copy_(t)
         self.mask.copy_(mask)
         self.dense.copy_(mask)
         live = self.gather(mask.to(self.keep.dtype))          # per stored entry; per block: any entry live
-        self.keep.copy_(live.amax((1, 2)) if self.format == "blocks" else live)
+        self.keep.copy_(live.amax((1, 2)) if live.dim() == 3 else live)
 
     def gather(self, weight: torch.Tensor) -> torch.Tensor:
         """The stored values of a weight-shaped tensor (eager; graphs use the same code via the functions below)."""
-        keys = _BLOCK_KEYS if self.format == "blocks" else ("flat",)
-        return _values(self.format, _matrix(weight), self.block, [self.index[k] for k in keys])
+        return self.format.values(_matrix(weight), self.block, [self.index[k] for k in self.format.gather_keys])
 
 
 # ---- what rewritten graphs call -------------------------------------------------------------------------------
@@ -123,9 +118,11 @@ def _matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def _values(fmt: str, w: torch.Tensor, b: int, index: list[torch.Tensor]) -> torch.Tensor:
-    if fmt == "blocks":
-        return block_values(w, *index, b)
+def _block_values(w: torch.Tensor, b: int, index: list[torch.Tensor]) -> torch.Tensor:
+    return block_values(w, *index, b)
+
+
+def _csr_values(w: torch.Tensor, b: int, index: list[torch.Tensor]) -> torch.Tensor:
     (flat,) = index
     return w.reshape(-1)[flat]
 
@@ -139,7 +136,7 @@ def _linear(x, w, bias, mm):
 def block_linear(x, weight, bias, b: int, keep, rows, cols):
     """linear(x, weight, bias) computed on the weight's kept b x b blocks only."""
     w = _matrix(weight)
-    values = _values("blocks", w, b, [rows, cols]) * keep[:, None, None]
+    values = _block_values(w, b, [rows, cols]) * keep[:, None, None]
     return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.block_sparse_mm(x2, values, rows, cols, w.shape[0]))
 
 
@@ -147,7 +144,7 @@ def csr_linear(x, weight, bias, m: int, keep, flat, crow, col, t_crow, t_col, t_
     """linear(x, weight, bias) computed on the weight's stored (CSR) entries only: sparsecc::nm_mm for an N:M
     support (m = M), sparsecc::csr_mm for any other (m = 0)."""
     w = _matrix(weight)
-    values = _values("csr", w, 1, [flat]) * keep
+    values = _csr_values(w, 1, [flat]) * keep
     index = (crow, col, t_crow, t_col, t_perm)
     if m:
         return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.nm_mm(x2, values, *index, w.shape[0], m))
@@ -156,7 +153,27 @@ def csr_linear(x, weight, bias, m: int, keep, flat, crow, col, t_crow, t_col, t_
 
 def conv1x1(fmt: str, x, weight, bias, *args):
     """A 1x1, stride-1, unpadded, ungrouped convolution as a linear over the channel dimension."""
-    return LINEAR[fmt](x.movedim(1, -1), weight, bias, *args).movedim(-1, 1)
+    return FORMATS[fmt].linear(x.movedim(1, -1), weight, bias, *args).movedim(-1, 1)
 
 
-LINEAR = {"blocks": block_linear, "csr": csr_linear}
+def _block_steps(i, values, x, g, out, inp, b):
+    ops = torch.ops.sparsecc
+    return lambda: (ops.block_sparse_mm(x, values, i["rows"], i["cols"], out),
+                    ops.block_sparse_mm_t(g, values, i["rows"], i["cols"], inp),
+                    ops.block_sddmm(g, x, i["rows"], i["cols"], b))
+
+
+def _csr_steps(i, values, x, g, out, inp, b):
+    ops = torch.ops.sparsecc
+    return lambda: (ops.csr_mm(x, values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], out),
+                    ops.csr_mm_t(g, values, i["t_crow"], i["t_col"], i["t_perm"], inp),
+                    ops.csr_sddmm(g, x, i["crow"], i["col"]))
+
+
+FORMATS = {
+    "blocks": Format("blocks", ("rows", "cols"), ("rows", "cols"), "blocks",
+                     lambda m, b: dict(zip(("rows", "cols"), block_index(m, b))), _block_values, block_linear,
+                     _block_steps),
+    "csr": Format("csr", ("flat", "crow", "col", "t_crow", "t_col", "t_perm"), ("flat",), "entries",
+                  lambda m, b: to_csr(m), _csr_values, csr_linear, _csr_steps),
+}

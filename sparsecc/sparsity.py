@@ -1,8 +1,10 @@
 """Sparse weight patterns (N:M, blocks, unstructured), their validation, and magnitude pruning to them.
 
-A pattern is a frozen dataclass; `Sparsity` maps fnmatch patterns over parameter names to patterns;
-`sparsify(model, spec)` prunes each matched weight by magnitude within its pattern and records the
-pattern and mask on the model, so a later compilation knows which entries must stay exactly zero.
+A pattern is a frozen dataclass subclassing `Pattern`, the protocol the rest of sparsecc reads (see its
+docstring): adding one is a subclass here, plus kernels when it needs a compressed format sparse_weights.FORMATS
+does not have. `Sparsity` maps fnmatch patterns over parameter names to patterns; `sparsify(model, spec)` prunes
+each matched weight by magnitude within its pattern and records the pattern and mask on the model, so a later
+compilation knows which entries must stay exactly zero.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Union
+from typing import Mapping
 
 import torch
 
@@ -30,8 +32,32 @@ def _matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], -1)
 
 
+class Pattern:
+    """What every sparse weight pattern tells the compiler. Subclasses are frozen dataclasses with a `density`
+    and implement `check` (does the pattern fit this weight; ConfigError if not) and `mask` (the magnitude mask).
+    Class attributes, defaults fitting any pattern stored entry by entry:
+        format      the compressed layout its kernels read: "csr" (entries) or "blocks" (square blocks of `unit`);
+                    sparse_weights.FORMATS holds each format's index, gather and rewritten-call functions
+        op          the sparsecc:: forward op its rewritten linear calls (named in reports)
+        static_arg  the constant that call passes: M of an N:M weight (sparsecc::nm_mm), the block size, or 0
+        unit        side of the square unit it keeps or drops whole (DynamicSparsity scores per unit)
+        movable     whether DynamicSparsity may move its live entries
+        layout      how an artifact stores its index (export/layouts.py); "unstructured" (flat positions) fits any
+    and check_support(name, matrix), which refuses a support a compiled graph cannot hold (N:M counts)."""
+
+    format = "csr"
+    op = "csr_mm"
+    static_arg = 0
+    unit = 1
+    movable = True
+    layout = "unstructured"
+
+    def check_support(self, name: str, matrix: torch.Tensor) -> None:
+        pass
+
+
 @dataclass(frozen=True)
-class NM:
+class NM(Pattern):
     """N nonzeros in every group of M consecutive input-dimension entries (2:4 is NVIDIA's sparse tensor core format).
 
     transposable=True: N:M along the rows *and* along the columns of every M x M tile, so the transposed weight
@@ -42,6 +68,24 @@ class NM:
     n: int
     m: int
     transposable: bool = False
+    op = "nm_mm"
+    movable = False          # the count per group is fixed
+
+    @property
+    def static_arg(self) -> int:
+        return self.m
+
+    @property
+    def layout(self) -> str:
+        return f"nm:{self.n}:{self.m}"
+
+    def check_support(self, name: str, matrix: torch.Tensor) -> None:
+        groups = [matrix] + ([matrix.t()] if self.transposable else [])
+        for i, m in enumerate(groups):
+            if (m.reshape(m.shape[0], -1, self.m).sum(2) != self.n).any():
+                what = f"every group of {self.m} inputs must hold exactly {self.n} entries" if i == 0 else \
+                    f"its transpose must be {self.n}:{self.m} too"
+                raise ValueError(f"{name}: the support is not {self} ({what})")
 
     def __post_init__(self):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m)) or self.n < 1:
@@ -103,11 +147,25 @@ def transposable_mask(matrix: torch.Tensor, n: int, m: int, chunk: int = 1 << 16
 
 
 @dataclass(frozen=True)
-class Blocks:
+class Blocks(Pattern):
     """Square blocks of size x size, the `density` fraction of them with the largest norms kept."""
 
     size: int
     density: float
+    format = "blocks"
+    op = "block_sparse_mm"
+
+    @property
+    def static_arg(self) -> int:
+        return self.size
+
+    @property
+    def unit(self) -> int:
+        return self.size
+
+    @property
+    def layout(self) -> str:
+        return f"blocks:{self.size}"
 
     def __post_init__(self):
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
@@ -131,7 +189,7 @@ class Blocks:
 
 
 @dataclass(frozen=True)
-class Unstructured:
+class Unstructured(Pattern):
     """The `density` fraction of entries with the largest magnitudes in the whole tensor kept."""
 
     density: float
@@ -149,9 +207,6 @@ class Unstructured:
         return keep.reshape(weight.shape)
 
 
-Pattern = Union[NM, Blocks, Unstructured]
-
-
 @dataclass(frozen=True)
 class Sparsity:
     """Which weights are sparse, and in what pattern; the first matching fnmatch pattern wins."""
@@ -162,8 +217,9 @@ class Sparsity:
         if not isinstance(self.rules, Mapping):
             raise ConfigError(f"Sparsity rules must be a dict of pattern -> NM/Blocks/Unstructured, got {type(self.rules).__name__}")
         for key, pattern in self.rules.items():
-            if not isinstance(pattern, (NM, Blocks, Unstructured)):
-                raise ConfigError(f"Sparsity rule for {key!r} must be sparsecc.NM, Blocks or Unstructured, got {pattern!r}")
+            if not isinstance(pattern, Pattern):
+                raise ConfigError(f"Sparsity rule for {key!r} must be sparsecc.NM, Blocks or Unstructured (or another "
+                                  f"sparsecc.sparsity.Pattern), got {pattern!r}")
         object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
 
     def resolve(self, params: Mapping[str, torch.Tensor]) -> dict[str, Pattern]:

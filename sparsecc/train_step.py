@@ -27,7 +27,7 @@ from .distributed import fsdp_sharded
 from .graph import call, clone_graph_module, output_values, set_output_values
 from .optim import AdamW, SGD
 from .errors import human
-from .passes import ParamPlan, Plan
+from .passes import Plan
 from .passes.sparsify import sparsify_step
 from .pipeline import (CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, assemble_report, readable,
                        run_passes)
@@ -196,14 +196,14 @@ class TrainStep:
         first = first_alias(names, self.params)
         grads = _merge_tied(joint, first, [grad_of.get(f"model.{n}") for n in names])
         set_output_values(joint, outs[:n_fwd] + grads)
-        plans = tuple(ParamPlan(n, i, self.rules[n] if i == first[i] else "frozen",
-                                tuple(self.params[n].shape), self.indices.get(n), n in self._sparse)
-                      for i, n in enumerate(names))
+        rules = {n: self.rules[n] for i, n in enumerate(names) if i == first[i]}    # tied: first name trains
+        plan = Plan.build([(i, n, self.params[n].shape) for i, n in enumerate(names)], rules, self.indices,
+                          self._sparse, n_fwd, self.optimizer, self.comm)
         self._mutated = [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()]
         self._buffer_names = [b.removeprefix("model.") for b in sig.buffers]
         self._param_names = names
         joint.meta["sparsecc_capture_passes"] = captured_passes
-        return joint, Plan(plans, n_fwd, self.optimizer, self.comm)
+        return joint, plan
 
     def _trained(self, node: fx.Node) -> bool:
         """Whether a node of the captured graph reads a parameter the scheme trains."""

@@ -3,6 +3,7 @@ models, masks that stay put through training, picked-up prune/parametrize masks,
 and dynamic sparse training without recompiling."""
 import copy
 import json
+from dataclasses import dataclass
 import math
 import re
 
@@ -16,9 +17,11 @@ from torch.nn.utils import parametrize, prune
 
 import sparsecc
 from sparsecc import cost_model
+from sparsecc.export import layouts
 from sparsecc.ops import native
 from sparsecc.ops.csr import to_csr
 from sparsecc.sparse_registry import registered
+from sparsecc.sparsity import Pattern
 
 from conftest import loss_of
 from models import make
@@ -91,7 +94,7 @@ def test_nm_ops_are_the_csr_ops_on_the_cpu(native_kernels, monkeypatch):
 def test_nm_sparse_weight_needs_an_nm_support():
     from sparsecc.sparse_weights import SparseWeight
     mask = sparsecc.NM(2, 4).mask(torch.randn(4, 8))
-    assert SparseWeight.create("w", sparsecc.NM(2, 4), mask, torch.float32).op == "nm_mm"
+    assert SparseWeight.create("w", sparsecc.NM(2, 4), mask, torch.float32).pattern.op == "nm_mm"
     mask[0, :4] = True                                      # 4 of 4 in one group
     with pytest.raises(ValueError, match=r"w: the support is not NM\(n=2, m=4\)"):
         SparseWeight.create("w", sparsecc.NM(2, 4), mask, torch.float32)
@@ -240,6 +243,55 @@ def test_masks_survive_k_optimizer_steps_and_training_matches_reference(optimize
         assert params[n][~m].abs().max() == 0, f"{n}: a pruned entry became nonzero"
     for n, p in model.named_parameters() if optimizer == "sgd" else ():
         torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+@dataclass(frozen=True)
+class Columns(Pattern):
+    """A pattern written the way NM, Blocks and Unstructured are: whole input columns, the largest norms kept.
+    Stored entry by entry (the Pattern defaults: CSR, sparsecc::csr_mm, "unstructured" artifact layout)."""
+
+    density: float
+    movable = False      # DynamicSparsity moves single entries, which would break whole columns
+
+    def check(self, name, weight):
+        pass
+
+    def mask(self, weight):
+        m = weight.detach().reshape(weight.shape[0], -1)
+        keep = torch.zeros(m.shape[1], dtype=torch.bool)
+        keep[m.norm(dim=0).topk(max(1, math.ceil(self.density * m.shape[1]))).indices] = True
+        return keep.expand_as(m).reshape(weight.shape)
+
+
+def test_a_new_pattern_is_one_class_and_trains_on_the_sparse_kernels():
+    """The pattern protocol: Columns above, defined only in this test, trains on sparsecc::csr_mm through the
+    backend and the one-graph step and matches the dense masked reference; DynamicSparsity leaves it alone as it
+    declares; an artifact stores it as flat positions."""
+    model, inputs, spec = sparse_model("transformer", rules={"blocks.*.mlp.fc1.weight": Columns(0.5)})
+    mask = model.sparsecc_masks["blocks.0.mlp.fc1.weight"]
+    assert mask.any(0).sum() == mask.shape[1] // 2 and (mask == mask[:1]).all()       # whole columns
+    ref_loss, ref_grads = masked_reference(model, inputs)
+    compiled = torch.compile(copy.deepcopy(model), backend=sparsecc.backend(sparsity=spec, cost_model="off",
+                                                                            executor="eager"))
+    loss = loss_of(compiled(*inputs))
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss)
+    report = str(sparsecc.reports()[-1])
+    assert report.count("-> sparsecc::csr_mm [CSR, Columns(density=0.5)") == 3          # one per block
+    for n, p in compiled.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n.removeprefix("_orig_mod.")], msg=lambda m: f"{n}: {m}")
+
+    step_model = copy.deepcopy(model)
+    step = sparsecc.compile_train_step(step_model, lambda out, y: loss_of(out), optimizer=sparsecc.SGD(0.1),
+                                       example_inputs=(inputs[0], None), executor="eager", cost_model="off")
+    assert step.report.stats["sparse_ops"] == 3
+    torch.testing.assert_close(step(inputs[0]), ref_loss)
+    for n, p in step_model.named_parameters():
+        torch.testing.assert_close(p, dict(model.named_parameters())[n] - 0.1 * ref_grads[n], msg=lambda m: f"{n}: {m}")
+
+    assert layouts.name(Columns(0.5)) == "unstructured"
+    with pytest.raises(sparsecc.ConfigError, match=r"cannot move 'blocks.0.mlp.fc1.weight': Columns\(density=0.5\)"):
+        sparsecc.DynamicSparsity(method="set", every=1, end_step=10).step(step_model, step=1)
 
 
 def test_prune_and_parametrize_masks_are_picked_up():

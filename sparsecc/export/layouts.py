@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ..sparsity import NM, Blocks, Unstructured
-
 DENSE = "dense"
 
 
 def name(pattern) -> str:
-    if isinstance(pattern, NM):
-        return f"nm:{pattern.n}:{pattern.m}"
-    if isinstance(pattern, Blocks):
-        return f"blocks:{pattern.size}"
-    if isinstance(pattern, Unstructured):
-        return "unstructured"
-    return DENSE
+    """The layout of a weight with this sparsity.Pattern (None: dense)."""
+    return DENSE if pattern is None else pattern.layout
 
 
 def _parse(layout: str) -> tuple[str, list[int]]:

@@ -28,6 +28,16 @@ class Plan:
     optimizer: object = None        # sparsecc.SGD / AdamW when the graph is a whole training step
     comm: tuple | None = None       # data-parallel step: (process group name, world size, bucket bytes)
 
+    @classmethod
+    def build(cls, inputs, rules: dict, channels: dict, sparse: set, num_fwd_outputs: int, optimizer=None,
+              comm=None) -> "Plan":
+        """The plan of a joint graph, as both entry points build it: `inputs` lists (primal index, parameter
+        name, shape) of its parameter inputs; rules maps names to "full" | "frozen" | Channels (a name without
+        a rule, such as the second name of a tied weight, is frozen: its gradient goes to the first name);
+        channels maps names to the selected channels of a Channels rule; sparse names the sparse weights."""
+        return cls(tuple(ParamPlan(name, i, rules.get(name, "frozen"), tuple(shape), channels.get(name),
+                                   name in sparse) for i, name, shape in inputs), num_fwd_outputs, optimizer, comm)
+
     def grad_position(self, p: ParamPlan) -> int:
         """Where the gradient of p sits among the joint graph's flat outputs."""
         return self.num_fwd_outputs + p.index

@@ -25,7 +25,7 @@ from .. import cost_model
 from .._torch import FUNCTIONAL_LINEAR, detect_fake_mode
 from ..config import ConfigError
 from ..sparse_registry import register
-from ..sparse_weights import LINEAR, SparseWeight, conv1x1
+from ..sparse_weights import SparseWeight, conv1x1
 from ..sparsity import Unstructured
 from . import PassResult
 
@@ -216,7 +216,7 @@ def _rewrite_calls(gm, sources: list[Source], config, rewrite: Rewrite, add_inpu
                 continue
             out, inp = sw.mask.shape[0], sw.mask[0].numel()
             candidates.append((src, user, call, cost_model.LinearShape(_hint(x_val.numel()) // inp, out, inp,
-                                                                       x_val.dtype, sw.format, sw.block, sw.density)))
+                                                                       x_val.dtype, sw.format.name, sw.block, sw.density)))
     if config.cost_model == "measure":
         decisions = cost_model.decide_all([shape for *_, shape in candidates])
     elif config.cost_model == "off":
@@ -237,7 +237,7 @@ def _rewrite_calls(gm, sources: list[Source], config, rewrite: Rewrite, add_inpu
         flops_saved += saved
         rewritten += 1
         result.notes.append(f"{sw.name}: {user.name} ({call}, {shape.tokens}x{shape.inp}->{shape.out}) -> "
-                            f"sparsecc::{sw.op} [{sw.describe()}], est. fwd+bwd FLOPs saved {saved:,} "
+                            f"sparsecc::{sw.pattern.op} [{sw.describe()}], est. fwd+bwd FLOPs saved {saved:,} "
                             f"({1 - sw.density:.0%}); {decision.reason}")
     result.counts.update(sparse_ops=rewritten, sparse_refused=refused, sparse_flops_saved=flops_saved)
 
@@ -291,10 +291,10 @@ def _replace(gm, node, call, weight, sw, extra):
     if call == "linear":
         x, _, *rest = node.args
         bias = rest[0] if rest else node.kwargs.get("bias")
-        target, args = LINEAR[sw.format], (x, weight, bias, sw.static_arg, *extra)
+        target, args = sw.format.linear, (x, weight, bias, sw.pattern.static_arg, *extra)
     else:
         a = _conv_args(node)
-        target, args = conv1x1, (sw.format, a["input"], weight, a.get("bias"), sw.static_arg, *extra)
+        target, args = conv1x1, (sw.format.name, a["input"], weight, a.get("bias"), sw.pattern.static_arg, *extra)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_function(target, args)
     new.meta = dict(node.meta)
@@ -305,7 +305,7 @@ def _replace(gm, node, call, weight, sw, extra):
 def _mask_other_uses(gm, src: Source, rewrite: Rewrite) -> None:
     """Every use of a recorded sparse weight the rewrite left dense reads weight * mask instead."""
     users = [u for u in src.param.users]
-    dense_users = [u for u in users if u.target not in (LINEAR[src.sw.format], conv1x1)]
+    dense_users = [u for u in users if u.target not in (src.sw.format.linear, conv1x1)]
     if not dense_users:
         return
     (mask,) = _add_inputs(gm, [src.sw.dense], f"{src.sw.name}_mask", rewrite)
