@@ -81,7 +81,9 @@ def inspect(path: str, as_json: bool = False) -> str:
              f"steps; optimizer {opt.get('type')}(" + ", ".join(f"{k}={v}" for k, v in opt.items() if k != "type") + ")",
              "", "files:"]
     lines += [f"  {name:<40} {human(e['bytes']):>10}  sha256 {e['sha256'][:16]}…" for name, e in manifest["files"].items()]
-    for fn in ("train_step", "forward"):
+    for fn in ("train_step", "train_step@host", "forward"):
+        if fn not in manifest["functions"]:       # train_step@host: the host's own step (sparse kernels)
+            continue
         sig = manifest["functions"][fn]
         batch = [f"{s['dtype']}{s['shape']}" for s in sig["inputs"] if s["key"].startswith("input/")]
         lines.append(f"{fn}: batch {', '.join(batch)} -> {len(sig['outputs'])} outputs "
@@ -113,10 +115,10 @@ def graph(path: str, function: str) -> str:
     if name not in files:
         raise ConfigError(f"{path} has no host programs (targets {manifest.get('targets')}); the IREE modules are "
                           f"compiled code, not graphs")
-    from .export.artifact import host_exported
+    from .export.artifact import host_exported, signature
     with progress.waiting(f"reading the {function} program of {path}"):
         exported = host_exported(path, name, files[name], manifest)
-    sig = manifest["functions"][function]
+    sig = signature(manifest, "host", function)
     placeholders = [n.name for n in exported.graph.find_nodes(op="placeholder")]
     lines = [f"# {function}: inputs"] + [f"#   {p:<16} {s['key']}" for p, s in zip(placeholders, sig["inputs"])]
     lines += [f"# outputs, in order: {', '.join(s['key'] for s in sig['outputs'])}", exported.graph_module.code]

@@ -84,8 +84,11 @@ class SparseWeight:
         return self.format.build(m, self.block)
 
     def inputs(self) -> list[torch.Tensor]:
-        """The graph inputs a rewritten op reads, in the order its function takes them."""
+        """The graph inputs a rewritten op reads, in the order its function takes them (input_names)."""
         return [self.keep] + [self.index[k] for k in self.format.keys]
+
+    def input_names(self) -> tuple[str, ...]:
+        return ("keep", *self.format.keys)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor, *, support: torch.Tensor | None = None) -> None:
@@ -168,6 +171,13 @@ def _csr_steps(i, values, x, g, out, inp, b):
     return lambda: (ops.csr_mm(x, values, i["crow"], i["col"], i["t_crow"], i["t_col"], i["t_perm"], out),
                     ops.csr_mm_t(g, values, i["t_crow"], i["t_col"], i["t_perm"], inp),
                     ops.csr_sddmm(g, x, i["crow"], i["col"]))
+
+
+def operands(pattern, support: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """inputs() by input_names() of a weight whose support and mask are `support` (how an artifact's runner
+    rebuilds them from the stored index)."""
+    sw = SparseWeight.create("", pattern, support, dtype)
+    return dict(zip(sw.input_names(), sw.inputs()))
 
 
 FORMATS = {

@@ -91,12 +91,23 @@ def _signature(leaves) -> tuple:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves)
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """Which tensors an exported step graph reads and writes, by name (each export has its own: a sparse
+    rewrite adds its index buffers)."""
+    params: list[str]                # parameter inputs, in order
+    buffers: list[str]               # buffer inputs, in order
+    mutated: list[str]               # buffers whose new values lead the outputs
+    operands: dict[str, tuple[str, str]]   # buffers that are a sparse kernel's operands -> (weight, operand)
+
+
 @dataclass
 class _Compiled:
     fn: object                       # the compiled graph, called on the flat input list
     graph: fx.GraphModule            # the training-step graph the passes produced (what fn runs)
     updates: list[tuple[str, tuple]]  # (parameter name, trained shape) per update, in state-input order
     report: Report
+    io: StepInputs
 
 
 class TrainStep:
@@ -161,6 +172,7 @@ class TrainStep:
         saved = {p: p.requires_grad for p in self.params.values()}
         seconds = {} if seconds is None else seconds
         self._sparse: set[str] = set()
+        operands = {}
         try:
             for p in self.params.values():
                 p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
@@ -174,7 +186,7 @@ class TrainStep:
                                                                                    self.params)):
                         rewrite = sparsify_step(captured, self.model, wrapper.masked, self.config)
                     captured_passes.append(rewrite.result)
-                    self._sparse = rewrite.sparse_params
+                    self._sparse, operands = rewrite.sparse_params, rewrite.operands
                 for name, value in captured.named_buffers():        # and the trace's own constants
                     self.buffers.setdefault(name.removeprefix("model."), value)
                 seconds["capture"] = time.perf_counter() - start
@@ -199,9 +211,9 @@ class TrainStep:
         rules = {n: self.rules[n] for i, n in enumerate(names) if i == first[i]}    # tied: first name trains
         plan = Plan.build([(i, n, self.params[n].shape) for i, n in enumerate(names)], rules, self.indices,
                           self._sparse, n_fwd, self.optimizer, self.comm)
-        self._mutated = [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()]
-        self._buffer_names = [b.removeprefix("model.") for b in sig.buffers]
-        self._param_names = names
+        joint.meta["sparsecc_io"] = StepInputs(names, [b.removeprefix("model.") for b in sig.buffers],
+                                               [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()],
+                                               operands)
         joint.meta["sparsecc_capture_passes"] = captured_passes
         return joint, plan
 
@@ -214,14 +226,16 @@ class TrainStep:
         passes, and the plan they take (search_scheme re-runs the passes on copies of it per scheme)."""
         return self._export(*flatten((x, y)))
 
-    def portable_graph(self, x, y) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    def portable_graph(self, x, y, *, sparse_kernels: bool = False) -> tuple[fx.GraphModule, list[torch.Tensor]]:
         """The training-step graph for batches shaped like (x, y), with attention traced as matmul/softmax
         instead of fused CPU kernels, which exporters to other runtimes cannot lower; and the flat batch.
-        It takes the same inputs as the compiled step (see _inputs)."""
+        Sparse weights are read as weight * mask, or with sparse_kernels=True through the sparsecc:: sparse
+        ops where the step's cost model picks them (runtimes that have sparsecc: the host). It takes the same
+        inputs as the compiled step (see _inputs; the names in graph.meta["sparsecc_io"])."""
         _, leaves = self._get(x, y)                # compiles (and creates the optimizer state) if needed
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
             joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE},
-                                       sparse_kernels=False)     # sparse weights read as weight * mask
+                                       sparse_kernels=sparse_kernels)
         joint, _, _ = self._run_passes(joint, plan)
         return joint, leaves
 
@@ -243,7 +257,7 @@ class TrainStep:
             self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
                                                         device=self.params[name].device)
                                          for s in self.optimizer.state_names})
-        example = self._inputs(leaves, updates)
+        example = self._inputs(joint.meta["sparsecc_io"], leaves, updates)
         start = time.perf_counter()
         if self.config.executor == "inductor":
             # Inductor's channels-last layout optimisation copies every conv activation of a whole-step
@@ -254,7 +268,7 @@ class TrainStep:
             fn = joint.forward
         seconds["codegen"] = time.perf_counter() - start
         report.stats.update({f"seconds_{k}": round(v, 3) for k, v in seconds.items()})
-        return _Compiled(fn, joint, updates, report)
+        return _Compiled(fn, joint, updates, report, joint.meta["sparsecc_io"])
 
     def _run_passes(self, joint: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, list, dict]:
         """The training passes on joint; under a memory budget, on copies of it at the least recomputation
@@ -277,9 +291,9 @@ class TrainStep:
         return gm, results + [entry], graphs
 
     # ---- running -----------------------------------------------------------------------------------
-    def _inputs(self, leaves, updates) -> list[torch.Tensor]:
-        args = [self.params[n].detach() for n in self._param_names]
-        args += [self.buffers[n] for n in self._buffer_names]
+    def _inputs(self, io: StepInputs, leaves, updates) -> list[torch.Tensor]:
+        args = [self.params[n].detach() for n in io.params]
+        args += [self.buffers[n] for n in io.buffers]
         args += [*leaves, self._lr, self._step]
         args += [self.state[name][s] for name, _ in updates for s in self.optimizer.state_names]
         return args
@@ -288,9 +302,9 @@ class TrainStep:
     def __call__(self, x, y=None) -> torch.Tensor:
         compiled, leaves = self._get(x, y)
         self._step += 1
-        outs = compiled.fn(*self._inputs(leaves, compiled.updates))
-        n_mut = len(self._mutated)
-        for name, value in zip(self._mutated, outs[:n_mut]):
+        outs = compiled.fn(*self._inputs(compiled.io, leaves, compiled.updates))
+        n_mut = len(compiled.io.mutated)
+        for name, value in zip(compiled.io.mutated, outs[:n_mut]):
             self.buffers[name].copy_(value)
         return outs[n_mut]        # parameters and optimizer state were updated in place by the graph
 

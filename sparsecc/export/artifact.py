@@ -31,6 +31,7 @@ from . import archive, iree, layouts, programs
 from .archive import ArtifactError
 
 TARGETS = ("host", *iree.TRIPLES)     # each architecture also as "arch:cpu", a module tuned for one CPU (iree.CPUS)
+HOST_TRAIN_STEP = "train_step@host"   # the host's own train_step signature, where it runs sparse kernels
 WEIGHTS = "weights.safetensors"
 _FUNCTIONS = ("train_step", "forward")
 
@@ -63,6 +64,12 @@ def check_target(path, manifest: dict, target: str) -> None:
                           f"to add it.)")
 
 
+def signature(manifest: dict, target: str, function: str) -> dict:
+    """The manifest's signature of the program a target runs for function ("train_step" or "forward")."""
+    own = HOST_TRAIN_STEP if target == "host" and function == "train_step" else None
+    return manifest["functions"][own if own in manifest["functions"] else function]
+
+
 def _parameter_table(step, updates, layout: dict[str, str], first: dict[str, str]) -> list[dict]:
     trained = dict(updates)
     return [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "layout": layout[n],
@@ -85,10 +92,10 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
                               f"(None for a model that computes its own loss from labels=; and update= for a "
                               f"sparse-update scheme) to build its training step; or pass a TrainStep from "
                               f"sparsecc.compile_train_step")
-        # this step is only the source of the exported programs (which compute sparse weights as weight * mask):
-        # it never runs here, so neither Inductor nor the sparse kernels' cost model is worth its time
-        step = compile_train_step(step, loss_fn, optimizer=optimizer, update=update,
-                                  example_inputs=example_inputs, executor="eager", cost_model="dense")
+        # this step is only the source of the exported programs: it never runs here, so Inductor is not worth its
+        # time; the cost model picks the host program's sparse kernels (IREE programs read sparse weights densely)
+        step = compile_train_step(step, loss_fn, optimizer=optimizer, update=update, example_inputs=example_inputs,
+                                  executor="eager", cost_model="measure" if "host" in targets else "dense")
     elif not isinstance(step, TrainStep):
         raise ConfigError(f"sparsecc.save takes a TrainStep from sparsecc.compile_train_step or a model, "
                           f"got {type(step).__name__}")
@@ -101,12 +108,18 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
     layout = {n: layouts.name(patterns.get(n)) for n in step.params}
     sparse = {n: m.reshape(-1).nonzero().reshape(-1) for n, m in step.masks.items()}
     progress.say("exporting the training step and the forward pass", "sparsecc.save")
-    train = programs.train_step_program(step, x, y, sparse)
-    forward = programs.forward_program(step, x, sparse)
     compiled, _ = step._get(x, y)
+    # the host runs the sparse kernels where the step does; IREE has no sparsecc:: ops (sparse weights dense there)
+    host_train = programs.train_step_program(step, x, y, sparse, sparse_kernels=True) \
+        if "host" in targets and compiled.report.stats["sparse_ops"] else None
+    train = host_train if targets == ["host"] and host_train is not None else \
+        programs.train_step_program(step, x, y, sparse)
+    host_train = train if host_train is None else host_train
+    forward = programs.forward_program(step, x, sparse)
+    stored = {t: (host_train if t == "host" else train, forward) for t in targets}
     files, mlir = {}, {}       # each program is lowered to MLIR once, then compiled for every CPU target
-    for target in targets:
-        for prog in (train, forward):
+    for target, progs in stored.items():
+        for prog in progs:
             if target == "host":
                 files[_program_file(target, prog.name)] = programs.dumps(prog)
             else:
@@ -114,8 +127,9 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
                 if prog.name not in mlir:
                     mlir[prog.name] = iree.to_mlir(prog.exported, prog.name)
                 files[_program_file(target, prog.name)] = iree.compile_vmfb(mlir[prog.name], target)
-    tensors = {k: v for prog in (train, forward) for k, v in zip(prog.inputs, prog.example)
-               if not k.startswith("input/")}    # each program reads only what its graph uses
+    tensors = {k: v for progs in stored.values() for prog in progs for k, v in zip(prog.inputs, prog.example)
+               if not k.startswith(("input/", "kernel/"))}    # each program reads only what its graph uses; the
+    # sparse kernels' operands are rebuilt from the stored index when loading (layouts.kernel_operands)
     tensors[programs.STEP] = step._step.detach().clone()
     first = programs.first_names(step)
     tensors = {k: v for k, v in tensors.items() if not (k.startswith("param/") and first[k[6:]] != k[6:])}
@@ -127,7 +141,10 @@ def save(step, path, *, targets=("host",), example_inputs=None, loss_fn=None, op
         "functions": {"train_step": {**train.signature(), "batch_spec": batch.dumps(),
                                      "batch_constants": batch.constants_json()},
                       "forward": {**forward.signature(), "input_spec": inputs.dumps(),
-                                  "input_constants": inputs.constants_json()}},
+                                  "input_constants": inputs.constants_json()},
+                      **({HOST_TRAIN_STEP: {**host_train.signature(), "batch_spec": batch.dumps(),
+                                            "batch_constants": batch.constants_json()}}
+                         if host_train is not train else {})},
         "parameters": _parameter_table(step, compiled.updates, layout, first),
         "optimizer": {"type": type(step.optimizer).__name__, **dataclasses.asdict(step.optimizer)},
     }
@@ -171,8 +188,10 @@ def host_exported(path, name: str, data: bytes, manifest: dict) -> torch.export.
                             + (f"; {mismatch}" if mismatch else "")) from None
     for node in exported.graph.nodes:
         if node.op == "call_function" and node.target is not operator.getitem \
+                and node.target not in programs.SPARSE_KERNELS \
                 and getattr(node.target, "namespace", None) not in _ALLOWED_NAMESPACES:
-            raise ArtifactError(f"{path}: {name} calls {node.target}, which is not an ATen/prims operator")
+            raise ArtifactError(f"{path}: {name} calls {node.target}, which is neither an ATen/prims operator "
+                                f"nor one of sparsecc's sparse kernels")
     return exported
 
 
@@ -191,6 +210,7 @@ class Runner:
         self.path, self.manifest, self.target = Path(path), manifest, target
         self._files, self.tensors = files, tensors
         self._aliases = {p["name"]: p["tied_to"] for p in manifest["parameters"] if p["tied_to"]}
+        self._sig = {f: signature(manifest, target, f) for f in _FUNCTIONS}
         self._run = {f: self._executor(f, target, iree_run_module, executor) for f in _FUNCTIONS}
 
     def _executor(self, function, target, tool, executor):
@@ -198,7 +218,7 @@ class Runner:
         data = self._files[name]
         if target == "host":
             return _host_program(self.path, name, data, executor, self.manifest)
-        n_out = len(self.manifest["functions"][function]["outputs"])
+        n_out = len(self._sig[function]["outputs"])
         if tool is None:
             arch = iree.split(target)[0]
             if arch != platform.machine():
@@ -215,7 +235,7 @@ class Runner:
         return self.tensors[key]
 
     def _args(self, function: str, leaves: list) -> list[torch.Tensor]:
-        sig = self.manifest["functions"][function]["inputs"]
+        sig = self._sig[function]["inputs"]
         leaf = iter(leaves)
         args = [next(leaf) if s["key"].startswith("input/") else self._tensor(s["key"]) for s in sig]
         for s, a in zip(sig, args):
@@ -229,7 +249,7 @@ class Runner:
     def _leaves(self, function: str, value, spec_key: str) -> list[torch.Tensor]:
         """The tensors of value, checked to have the structure (and constant leaves) the program was saved for."""
         leaves, structure = flatten(value)
-        sig = self.manifest["functions"][function]
+        sig = self._sig[function]
         want, constants = sig[spec_key], sig.get(spec_key.replace("_spec", "_constants"), [])
         if structure.dumps() != want:
             raise ConfigError(f"{function} got inputs structured as {structure.spec}, the artifact expects "
@@ -245,7 +265,7 @@ class Runner:
         self.tensors[programs.STEP] += 1                       # a rejected batch must not advance the step
         outs = self._run["train_step"](args)
         loss = None
-        for s, value in zip(self.manifest["functions"]["train_step"]["outputs"], outs):
+        for s, value in zip(self._sig["train_step"]["outputs"], outs):
             if s["key"] == programs.LOSS:
                 loss = value
             else:
@@ -256,7 +276,7 @@ class Runner:
     def __call__(self, x):
         leaves = self._leaves("forward", x, "input_spec")
         outs = iter(self._run["forward"](self._args("forward", leaves)))
-        sig = self.manifest["functions"]["forward"]
+        sig = self._sig["forward"]
         return tree_unflatten([next(outs) if is_tensor else None for is_tensor in sig["out_tensors"]],
                               treespec_loads(sig["out_spec"]))
 
@@ -281,8 +301,9 @@ class Runner:
         """Write the artifact with the current weights, optimizer state and step to path (default: where it
         was loaded from); programs are carried over unchanged."""
         files = {k: v for k, v in self._files.items() if k != WEIGHTS}
+        tensors = {k: v for k, v in self.tensors.items() if not k.startswith("kernel/")}   # rebuilt when loading
         manifest = {k: v for k, v in self.manifest.items() if k not in ("files", "format", "format_version")}
-        return _write(self.path if path is None else path, manifest, files, self.tensors)
+        return _write(self.path if path is None else path, manifest, files, tensors)
 
 
 def load(path, *, target: str = "host", executor: str = "eager",
@@ -317,11 +338,22 @@ def load(path, *, target: str = "host", executor: str = "eager",
                 tensors[key] = layouts.expand(p["layout"], tensors[key], p["shape"])
             except (KeyError, ValueError, TypeError) as e:
                 raise ArtifactError(f"{path}: {WEIGHTS} holds no valid {p['layout']} index for {p['name']} ({e})") from None
+    needed = {s["key"] for s in signature(manifest, target, "train_step")["inputs"] if s["key"].startswith("kernel/")}
+    for p in manifest["parameters"]:
+        if any(k.startswith(f"kernel/{p['name']}/") for k in needed):
+            dtype = getattr(torch, str(p.get("dtype")), None)
+            try:
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"dtype {p.get('dtype')!r} is not a torch dtype")
+                built = layouts.kernel_operands(p["layout"], tensors[f"index/{p['name']}"], p["shape"], dtype)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ArtifactError(f"{path}: cannot build the sparse kernels' operands of {p['name']} ({e})") from None
+            tensors.update({f"kernel/{p['name']}/{k}": t for k, t in built.items()})
     tied = {f"param/{p['name']}" for p in manifest["parameters"] if p["tied_to"]}
     for fn in _FUNCTIONS:
         if _program_file(target, fn) not in files:
             raise ArtifactError(f"{path}: {_program_file(target, fn)} is missing")
-        for s in manifest["functions"][fn]["inputs"]:
+        for s in signature(manifest, target, fn)["inputs"]:
             if not s["key"].startswith("input/") and s["key"] not in tied and s["key"] not in tensors:
                 raise ArtifactError(f"{path}: {WEIGHTS} has no tensor {s['key']!r}, which {fn} reads")
     return Runner(path, manifest, files, tensors, target, None if iree_run_module is None else str(iree_run_module),
@@ -342,8 +374,10 @@ def _check_manifest(path, manifest: dict) -> None:
         if not (isinstance(p, dict) and isinstance(p.get("name"), str) and "tied_to" in p
                 and isinstance(p.get("layout"), str) and isinstance(p.get("shape"), list)):
             raise bad(f"parameters[{p!r:.60}]")
-    for fn, spec_key in (("train_step", "batch_spec"), ("forward", "input_spec")):
-        sig = manifest.get("functions", {}).get(fn)
+    functions = manifest.get("functions", {})
+    for fn, spec_key in (("train_step", "batch_spec"), ("forward", "input_spec"),
+                         *([(HOST_TRAIN_STEP, "batch_spec")] if HOST_TRAIN_STEP in functions else [])):
+        sig = functions.get(fn)
         if not isinstance(sig, dict) or not isinstance(sig.get(spec_key), str):
             raise bad(f"functions.{fn}")
         if fn == "forward" and not (isinstance(sig.get("out_tensors"), list)

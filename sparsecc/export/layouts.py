@@ -7,11 +7,15 @@
     blocks:B          int32 flat id of each kept BxB block          4 per block
 
 Programs take the values and the int64 flat positions (`expand`), so every format reaches every runtime
-as two plain tensors; `compact` is the inverse used when saving.
+as two plain tensors; `compact` is the inverse used when saving. A host program that runs the sparse kernels
+also reads their operands (`kernel_operands`): the runner derives them from the same positions when it loads.
 """
 from __future__ import annotations
 
 import torch
+
+from ..sparse_weights import operands
+from ..sparsity import NM, Blocks, Unstructured
 
 DENSE = "dense"
 
@@ -82,3 +86,14 @@ def expand(layout: str, stored: torch.Tensor, shape) -> torch.Tensor:
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= numel or bool((flat[1:] <= flat[:-1]).any())):
         raise ValueError(f"the {layout} index is not a strictly increasing set of positions in a {list(shape)} weight")
     return flat
+
+
+def kernel_operands(layout: str, flat: torch.Tensor, shape, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The sparse kernels' operands (SparseWeight.input_names) of a weight stored in `layout` whose kept entries
+    sit at the (expanded, checked) int64 flat positions `flat`: built exactly as the step that saved it built
+    them, from the same mask."""
+    kind, nums = _parse(layout)
+    pattern = NM(*nums) if kind == "nm" else Blocks(nums[0], 1.0) if kind == "blocks" else Unstructured(1.0)
+    support = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.bool)
+    support[flat] = True
+    return operands(pattern, support.view(shape), dtype)

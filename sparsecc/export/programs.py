@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten, treespec_dumps
 
+from .. import ops  # noqa: F401  (registers the sparsecc:: ops SPARSE_KERNELS names)
 from .._torch import serde
 from ..config import ConfigError
 from . import layouts
@@ -28,6 +29,11 @@ from ..calling import MASK_PREFIX, Structure, call_model, first_alias, flatten
 
 aten = torch.ops.aten
 LR, STEP, LOSS = "lr", "step", "loss"
+# the sparsecc:: ops a host program may call: the sparse weights' kernels (C++ on the CPU; registered by sparsecc
+# itself, so a program calling them runs no code of its own). IREE programs read sparse weights densely.
+SPARSE_KERNELS = frozenset(getattr(torch.ops.sparsecc, name).default for name in (
+    "block_sparse_mm", "block_sparse_mm_t", "block_sddmm", "csr_mm", "csr_mm_t", "csr_sddmm", "nm_mm", "nm_mm_t",
+    "nm_sddmm"))
 
 
 @dataclass
@@ -159,7 +165,8 @@ def _compress(gm: fx.GraphModule, keys: list[str], args: list[torch.Tensor], spa
         nodes[f"index/{name}"], example[f"index/{name}"] = index, flat
         shape = example[f"param/{name}"].shape
         dense = [f"param/{name}"] + [k for k in keys if k.startswith(f"state/{name}/") and example[k].shape == shape]
-        for key in dense + ([f"buffer/{masks[name]}"] if name in masks else []):
+        mask = [f"buffer/{masks[name]}"] if f"buffer/{masks.get(name)}" in nodes else []   # gone when unread
+        for key in dense + mask:
             old, like = nodes.pop(key), example.pop(key)
             if key in dense:
                 with graph.inserting_after(last):
@@ -185,30 +192,37 @@ def _compress(gm: fx.GraphModule, keys: list[str], args: list[torch.Tensor], spa
     return keys, [example[k] for k in keys], [k for k, _, _ in written]
 
 
-def train_step_program(step, x, y, sparse: dict[str, torch.Tensor] | None = None) -> Program:
+def train_step_program(step, x, y, sparse: dict[str, torch.Tensor] | None = None, *,
+                       sparse_kernels: bool = False) -> Program:
     """The functional training step of `step` for batches shaped like (x, y); its example inputs are the
     step's current tensors, index constants included. `sparse` maps sparse weights to the int64 flat
-    positions of their kept entries: those weights travel compressed (see _compress)."""
-    gm, leaves = step.portable_graph(x, y)
+    positions of their kept entries: those weights travel compressed (see _compress). sparse_kernels=True
+    (the host program): the sparse weights' linears run on the SPARSE_KERNELS where the step's cost model
+    chose them; their operands are inputs keyed "kernel/<weight>/<operand>" (layouts.kernel_operands rebuilds
+    them from the stored index), and the program's constants are keyed "constant/host/i"."""
+    gm, leaves = step.portable_graph(x, y, sparse_kernels=sparse_kernels)
     updates = gm.meta["sparsecc_updates"]
     constants = _lift_constants(gm)
-    kernels = {str(n.target) for n in gm.graph.nodes
-               if n.op == "call_function" and getattr(n.target, "namespace", "aten") not in ("aten", "prims")}
+    kernels = {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and n.target not in SPARSE_KERNELS
+               and getattr(n.target, "namespace", "aten") not in ("aten", "prims")}
     if kernels:
         raise ConfigError(f"the step's graph calls {sorted(kernels)} (generated GPU kernels: CUDA parameters or "
                           f"SPARSECC_TRITON=1), which no artifact runtime has; save from a CPU step without "
                           f"SPARSECC_TRITON")
-    keys = [f"param/{n}" for n in step._param_names] + [f"buffer/{n}" for n in step._buffer_names]
+    io = gm.meta["sparsecc_io"]
+    keys = [f"param/{n}" for n in io.params]
+    keys += [f"kernel/{'/'.join(io.operands[n])}" if n in io.operands else f"buffer/{n}" for n in io.buffers]
     keys += [f"input/{i}" for i in range(len(leaves))] + [LR, STEP]
     keys += [f"state/{n}/{s}" for n, _ in updates for s in step.optimizer.state_names]
-    keys += [f"constant/{i}" for i in range(len(constants))]
-    args = [t.detach().clone() for t in step._inputs(leaves, updates)] + constants
+    constant = "constant/host/" if sparse_kernels else "constant/"
+    keys += [f"{constant}{i}" for i in range(len(constants))]
+    args = [t.detach().clone() for t in step._inputs(io, leaves, updates)] + constants
     masks = {n: f"{MASK_PREFIX}{i}" for i, n in enumerate(step.masks)}
     keys, args, extra = _compress(gm, keys, args, sparse or {}, masks, {n for n, _ in updates})
     exported, new_of, lifted = _functional(_Call(gm), args)
-    keys += [f"constant/{len(constants) + i}" for i in range(len(lifted))]
+    keys += [f"{constant}{len(constants) + i}" for i in range(len(lifted))]
     args += lifted
-    user = [f"buffer/{n}" for n in step._mutated] + [LOSS] + extra
+    user = [f"buffer/{n}" for n in io.mutated] + [LOSS] + extra
     outputs, k = [], 0
     for i in range(len(exported.graph.output_node().args[0])):
         if i in new_of:

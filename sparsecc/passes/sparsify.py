@@ -59,6 +59,7 @@ class Rewrite:
     picked_masks: dict[int, SparseWeight] = field(default_factory=dict)   # input position -> its weight
     graphs: dict[str, str] = field(default_factory=dict)                 # Dynamo's graph before and after
     weights: list[SparseWeight] = field(default_factory=list)  # kept alive by the compiled graph's wrapper
+    operands: dict[str, tuple[str, str]] = field(default_factory=dict)  # added buffer -> (weight, operand name)
 
 
 def _is_mask(t) -> bool:
@@ -232,6 +233,8 @@ def _rewrite_calls(gm, sources: list[Source], config, rewrite: Rewrite, add_inpu
             continue
         if id(src) not in extras:
             extras[id(src)] = add_inputs(gm, sw.inputs(), f"{sw.name}_sparse", rewrite)
+            rewrite.operands.update({n.target: (sw.name, key) for n, key in zip(extras[id(src)], sw.input_names())
+                                     if n.op == "get_attr"})
         _replace(gm, user, call, src.weight, sw, extras[id(src)])
         saved = int(shape.dense_flops * (1 - sw.density))
         flops_saved += saved
