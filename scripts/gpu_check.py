@@ -48,11 +48,11 @@ def step_env():
               f"tl.range: {hasattr(tl, 'range')}")
     except ImportError as e:
         print(f"triton not importable: {e}")
-    from sparsecc import cost_model
     from sparsecc.codegen.triton import target_of
+    from sparsecc.ops import tuning
     from sparsecc.ops import semi_structured
     device = torch.device("cuda")
-    info = cost_model.device_info(device)
+    info = tuning.device_info(device)
     print(f"device {info.name}, capability {info.capability}, sparsecc target {target_of(device)}, "
           f"cost-model cache tag {info.setup}")
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -178,6 +178,7 @@ def step_cost_model():
     import torch
     import sparsecc
     from sparsecc import cost_model
+    from sparsecc.ops import tuning
     shapes = [cost_model.LinearShape(4096, 4096, 4096, torch.bfloat16, "blocks", 64, 0.1, "cuda"),
               cost_model.LinearShape(4096, 4096, 4096, torch.bfloat16, "blocks", 32, 0.1, "cuda"),
               cost_model.LinearShape(4096, 4096, 4096, torch.bfloat16, "csr", 1, 0.5, "cuda", "2:4T"),
@@ -192,7 +193,7 @@ def step_cost_model():
         again = time.time() - t0
         print(f"{shape.key()}: {first:.2f} s (compiles and tunes), another token count {again:.2f} s\n"
               f"  rewrite={decision.rewrite}: {decision.reason}", flush=True)
-    print(f"cache: {cost_model._cache_file('cuda')}")
+    print(f"cache: {tuning.cache_file(tuning.device_info('cuda'))}")
     del sparsecc
 
 

@@ -13,7 +13,8 @@ from functorch.compile import make_boxed_func, min_cut_rematerialization_partiti
 from . import analysis, cost_model, memory_budget, progress
 from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame,
                      ddp_ignored, functorch_config, select_decomp_table)
-from .config import Channels, Config, ConfigError, rule_name
+from .config import Channels, Config, rule_name
+from .errors import ConfigError
 from .distributed import fsdp_sharded
 from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
 from .passes import Plan

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ._torch import Unsupported, UserError
-from .config import ConfigError
+from .errors import ConfigError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 

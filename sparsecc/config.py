@@ -13,7 +13,7 @@ from typing import Mapping, Union
 
 import torch
 
-from .errors import ConfigError, closest, human, parse_budget, where_parameters_live  # noqa: F401 - re-exported
+from .errors import ConfigError, closest, parse_budget, where_parameters_live
 from .sparsity import Sparsity
 
 

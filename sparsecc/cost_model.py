@@ -18,26 +18,21 @@ Refusals that need no measurement, with their reason: a dtype the Triton kernels
 no triton installed. N:M weights on the Triton path are timed on their own kernels (the N:M ELL kernels) and, for
 2:4 in float16/bfloat16 on a GPU with sparse tensor cores, on those (torch's semi-structured sparsity: forward,
 and the input gradient too for NM(2, 4, transposable=True)); the faster is recorded (nm_choice) and the N:M ops use
-it; where sparse tensor cores cannot run, the reason is part of the decision's text. The Channels weight gradient
+it (ops/tuning.py, which holds the timers and the cache files too); where sparse tensor cores cannot run, the reason is part of the decision's text. The Channels weight gradient
 chooses between the generated kernel and the gathered slice + cuBLAS the same way, per shape (channels_choice).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import json
-import os
-import platform
-import re
-import statistics
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from .ops import native
+from .ops import semi_structured, tuning
+from .ops.device import triton_kernels
+from .ops.tuning import DeviceInfo, device_info
 from .progress import say
 from .sparse_weights import SparseWeight
 from .sparsity import NM, Blocks, Unstructured
@@ -75,59 +70,6 @@ class Decision:
     rewrite: bool
     reason: str
     speedup: float | None = None     # measured dense time / sparse time
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSECC_CACHE_DIR", Path.home() / ".cache" / "sparsecc"))
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """A device as the cost model sees it."""
-
-    device: str                          # "cpu" or "cuda:<index>"
-    name: str                            # "cpu", or the GPU's name
-    capability: tuple[int, int] | None   # a CUDA GPU's compute capability (None on the CPU and ROCm)
-    triton: bool                         # the sparsecc:: ops run the generated Triton kernels here
-    setup: str                           # what the measurements depend on: the cache file's tag
-
-    @property
-    def is_gpu(self) -> bool:
-        return self.device.startswith("cuda")
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-def device_info(device: str | torch.device | None = None) -> DeviceInfo:
-    """The DeviceInfo of a device (default: the CPU)."""
-    device = torch.device(device or "cpu")
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _gpu_info(index, torch.__version__, _triton_version())
-    triton = os.environ.get("SPARSECC_TRITON") == "1"
-    setup = f"{platform.machine()}-torch{torch.__version__}-t{torch.get_num_threads()}-native{int(native.available())}"
-    if triton:
-        setup += f"-triton{_triton_version()}-interpret{int(os.environ.get('TRITON_INTERPRET') == '1')}"
-    return DeviceInfo("cpu", "cpu", None, triton, setup)
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_info(index: int, torch_version: str, triton_version: str | None) -> DeviceInfo:
-    name = torch.cuda.get_device_name(index)
-    capability = None if torch.version.hip else tuple(torch.cuda.get_device_capability(index))
-    arch = f"cc{capability[0]}{capability[1]}" if capability else "rocm"
-    setup = f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-{arch}-torch{torch_version}-triton{triton_version}"
-    return DeviceInfo(f"cuda:{index}", name, capability, True, setup)
-
-
-def _cache_file(device: str | torch.device | None = None) -> Path:
-    return cache_dir() / f"cost_model-{device_info(device).setup}.json"
 
 
 # ---- the compilation in progress: its parameters' device and N:M patterns (set by the backend) -------------------
@@ -172,36 +114,6 @@ def resolve(shape: LinearShape) -> LinearShape:
     return shape
 
 
-def _median_ms(fn, reps: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def gpu_median_ms(fn, device: torch.device, budget_ms: float = 60.0) -> float:
-    """Median ms of fn on a GPU with CUDA events: one warm-up call (compiles and tunes kernels the first time),
-    one probe, then as many timed calls as fit in budget_ms (3 to 25)."""
-    fn()
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    reps = int(min(25, max(3, budget_ms / max(start.elapsed_time(end), 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(a.elapsed_time(b) for a, b in events)
-
-
 def _nm_of(pattern: str):
     n, m = pattern.rstrip("T").split(":")
     return NM(int(n), int(m), transposable=pattern.endswith("T"))
@@ -234,8 +146,6 @@ def _sparse_steps(shape: LinearShape, sw, values, x, g, impl: str = "ell"):
     if not shape.pattern:
         return sw.format.steps(sw.index, values, x, g, shape.out, shape.inp, shape.block)
     i = sw.index
-    from .ops import semi_structured
-    from .ops.device import triton_kernels
     T, m = triton_kernels(), _nm_of(shape.pattern).m
     values2d, col2d = values.view(shape.out, -1), i["col"].view(shape.out, -1)
     fwd = (lambda: semi_structured.mm(x, values2d, col2d, shape.inp)) if impl.startswith("semi") else \
@@ -268,11 +178,10 @@ def measure(shape: LinearShape) -> tuple:
 
     impls = ["ell"]
     if info.is_gpu and shape.pattern and shape.pattern.startswith("2:4"):
-        from .ops import semi_structured
         if semi_structured.available(device, shape.dtype)[0]:
             impls.append("semiT" if shape.pattern.endswith("T") else "semi")
     steps = {impl: _sparse_steps(shape, sw, values, x, g, impl) for impl in impls}
-    timer = (lambda fn: gpu_median_ms(fn, device)) if info.is_gpu else _median_ms
+    timer = (lambda fn: tuning.gpu_median_ms(fn, device)) if info.is_gpu else tuning.median_ms
     dense_ms, sparse_ms = [], {impl: [] for impl in impls}
     for _ in range(2):
         dense_ms.append(timer(dense))
@@ -292,7 +201,7 @@ def measure(shape: LinearShape) -> tuple:
 def unsupported(shape: LinearShape, info: DeviceInfo) -> str | None:
     """Why the sparse kernels cannot run for the shape on the device at all (no measurement needed), or None."""
     where = f"on {info.name}" if info.is_gpu else "on the Triton path (SPARSECC_TRITON=1)"
-    if info.triton and _triton_version() is None:
+    if info.triton and tuning.triton_version() is None:
         return f"kept dense: the sparse kernels {where} are generated Triton kernels and triton is not installed"
     if info.triton and shape.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return (f"kept dense: the generated Triton kernels {where} take float32/float16/bfloat16, not "
@@ -300,25 +209,9 @@ def unsupported(shape: LinearShape, info: DeviceInfo) -> str | None:
     return None
 
 
-def _load_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _store(path: Path, key: str, value: list[float]) -> None:
-    cache = _load_cache(path)        # re-read: another process may have added shapes meanwhile
-    cache[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    tmp.replace(path)
-
-
 _IMPLS = {"ell": "generated N:M kernels", "semi": "2:4 sparse tensor cores forward, generated N:M kernels backward",
           "semiT": "2:4 sparse tensor cores forward and input gradient, generated SDDMM weight gradient"}
-_NM_CHOICE: dict[tuple, str] = {}      # (device, dtype, out, in, n, m) -> "semi" | "semiT": see nm_choice
+
 
 
 def _verdict(dense_ms: float, sparse_ms: float, impl: str | None = None, shape: LinearShape | None = None,
@@ -328,28 +221,15 @@ def _verdict(dense_ms: float, sparse_ms: float, impl: str | None = None, shape: 
     if info is not None and info.is_gpu:
         verdict += f" on {info.name}" + (f", {_IMPLS[impl]}" if impl in _IMPLS else ", generated Triton kernels")
         if shape is not None and shape.pattern and shape.pattern.startswith("2:4") and impl == "ell":
-            from .ops import semi_structured
             usable, why = semi_structured.available(info.device, shape.dtype)
             verdict += f" ({why})" if not usable else " (sparse tensor cores were slower)"
     if speedup > MIN_SPEEDUP:
         if info is not None and shape is not None and shape.pattern and info.is_gpu:
             nm = _nm_of(shape.pattern)
-            key = (info.device, shape.dtype, shape.out, shape.inp, nm.n, nm.m)
-            if impl in ("semi", "semiT"):
-                _NM_CHOICE[key] = impl
-            else:
-                _NM_CHOICE.pop(key, None)
+            tuning.record_nm_choice(info.device, shape.dtype, shape.out, shape.inp, nm.n, nm.m, impl)
         return Decision(True, verdict, speedup)
     return Decision(False, f"{verdict}: not faster by {MIN_SPEEDUP}x here, so the dense GEMM runs on the masked "
                            f"weight", speedup)
-
-
-def nm_choice(device: torch.device, dtype: torch.dtype, out: int, inp: int, n: int, m: int) -> str | None:
-    """How the N:M ops run a rewritten N:M weight of this shape on this GPU, as the cost model decided: "semi"
-    (sparse tensor cores forward), "semiT" (forward and input gradient), or None (the generated N:M kernels)."""
-    if device.type != "cuda":
-        return None
-    return _NM_CHOICE.get((device_info(device).device, dtype, out, inp, n, m))
 
 
 def decide_all(shapes: list[LinearShape]) -> list[Decision]:
@@ -362,8 +242,9 @@ def decide_all(shapes: list[LinearShape]) -> list[Decision]:
         groups.setdefault(device_info(shape.device).setup, []).append(i)
     for positions in groups.values():
         device = resolved[positions[0]].device
-        info, path = device_info(device), _cache_file(device)
-        cache = _load_cache(path)
+        info = device_info(device)
+        path = tuning.cache_file(info)
+        cache = tuning.load(path)
         for i in positions:
             why = unsupported(resolved[i], info)
             if why:
@@ -379,40 +260,13 @@ def decide_all(shapes: list[LinearShape]) -> list[Decision]:
         for i, key in enumerate(missing, 1):
             say(f"measuring sparse vs dense {i}/{len(missing)}: {key} ...")
             cache[key] = list(measure(by_key[key]))
-            _store(path, key, cache[key])
+            tuning.store(path, key, cache[key])
         if missing:
             say(f"measured {len(missing)} shape(s) in {time.perf_counter() - start:.1f} s")
         for i in positions:
             if decisions[i] is None:
                 decisions[i] = _verdict(*cache[resolved[i].key()][:3], shape=resolved[i], info=info)
     return decisions
-
-
-def channels_choice(g: torch.Tensor, x: torch.Tensor, idx_or_k, dim: str, kernel, sliced) -> str:
-    """"kernel" or "slice+mm": how the Channels weight gradient runs for this call. On a GPU, whichever of the
-    generated kernel (`kernel()`) and the gathered slice + cuBLAS (`sliced()`) measured faster for the shape (first
-    call of each shape and dtype, then cached per device like the linear shapes), so it is never slower than the
-    slice + cuBLAS; elsewhere (the interpreter, SPARSECC_TRITON=1 on the CPU) the kernel."""
-    if not x.is_cuda:
-        return "kernel"
-    info = device_info(x.device)
-    indexed = isinstance(idx_or_k, torch.Tensor)
-    k = idx_or_k.shape[0] if indexed else int(idx_or_k)
-    key = (f"channels {g.shape[0]}x{g.shape[1]}x{x.shape[1]} k={k} dim={dim} {'index' if indexed else 'first'} "
-           f"{str(x.dtype).removeprefix('torch.')}")
-    memo = _CHANNELS.get((info.setup, key))
-    if memo is None:
-        path = _cache_file(x.device)
-        entry = _load_cache(path).get(key)
-        if entry is None:
-            device = torch.device(info.device)
-            entry = [gpu_median_ms(kernel, device, 20.0), gpu_median_ms(sliced, device, 20.0)]
-            _store(path, key, entry)
-        memo = _CHANNELS[(info.setup, key)] = "kernel" if entry[0] < entry[1] else "slice+mm"
-    return memo
-
-
-_CHANNELS: dict[tuple[str, str], str] = {}
 
 
 def decide(shape: LinearShape) -> Decision:

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ._torch import ddp_ignore, unwrapped
-from .config import Channels, ConfigError, UpdateScheme
+from .config import Channels, UpdateScheme
+from .errors import ConfigError
 
 
 class TrainedOnlyHook:

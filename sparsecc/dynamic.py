@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, closest
+from .errors import ConfigError, closest
 from .sparse_registry import registered
 
 _METHODS = ("rigl", "set", "magnitude")

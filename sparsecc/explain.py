@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_leaves
 from . import report as report_mod
 from ._torch import BackendCompilerFailed
 from .backend import backend_for
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 
 
 def _default_loss(output) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def _check(name: str, value, low: float, high: float = math.inf, *, open_low=False, open_high=False):

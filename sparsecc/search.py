@@ -32,8 +32,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import memory
-from .config import Channels, ConfigError, Rule, UpdateScheme, human, rule_name
-from .errors import parse_budget  # noqa: F401 - re-exported (sparsecc.search.parse_budget)
+from .config import Channels, Rule, UpdateScheme, rule_name
+from .errors import ConfigError, human, parse_budget  # noqa: F401 - parse_budget re-exported (sparsecc.search.parse_budget)
 from .graph import clone_graph_module
 from .optim import AdamW, SGD
 from .pipeline import TRAIN_STEP_PASSES, run_passes

@@ -22,11 +22,11 @@ from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_de
 from .calling import MASK_PREFIX, Structure, call_model, first_alias, flatten, leaf_names, model_loss
 from .capture import capture
 from .ops import linear_cross_entropy
-from .config import Channels, Config, ConfigError
+from .config import Channels, Config
 from .distributed import fsdp_sharded
 from .graph import call, clone_graph_module, output_values, set_output_values
 from .optim import AdamW, SGD
-from .errors import human
+from .errors import ConfigError, human
 from .passes import Plan
 from .passes.sparsify import sparsify_step
 from .pipeline import (CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, assemble_report, readable,

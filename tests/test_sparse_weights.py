@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize, prune
 
 import sparsecc
 from sparsecc import cost_model
+from sparsecc.ops import tuning
 from sparsecc.export import layouts
 from sparsecc.ops import native
 from sparsecc.ops.csr import to_csr
@@ -352,8 +353,8 @@ def test_cost_model_refusal_is_reported_and_keeps_the_mask(tmp_path, monkeypatch
     spec = sparsecc.Sparsity({"fc2.weight": sparsecc.NM(2, 4)})
     sparsecc.sparsify(model, spec)
     shape = cost_model.LinearShape(7, 32, 32, torch.float32, "csr", 1, 0.5)
-    cost_model._cache_file().parent.mkdir(parents=True, exist_ok=True)
-    cost_model._cache_file().write_text(json.dumps({shape.key(): [1.0, 3.0]}))    # dense 1 ms, sparse 3 ms
+    tuning.cache_file(tuning.device_info()).parent.mkdir(parents=True, exist_ok=True)
+    tuning.cache_file(tuning.device_info()).write_text(json.dumps({shape.key(): [1.0, 3.0]}))    # dense 1 ms, sparse 3 ms
     ref_loss, ref_grads = masked_reference(model, inputs)
     compiled = torch.compile(model, backend=sparsecc.backend(sparsity=spec, executor="eager"))
     loss_of(compiled(*inputs)).backward()
@@ -369,7 +370,7 @@ def test_cost_model_measures_once_and_caches(tmp_path, monkeypatch):
     shape = cost_model.LinearShape(16, 64, 64, torch.float32, "blocks", 16, 0.25)
     first = cost_model.decide(shape)
     assert first.speedup is not None and first.speedup > 0
-    cached = json.loads(cost_model._cache_file().read_text())
+    cached = json.loads(tuning.cache_file(tuning.device_info()).read_text())
     assert list(cached) == [shape.key()]
     assert cost_model.decide(shape) == first
 

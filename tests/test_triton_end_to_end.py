@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import sparsecc
 from models import make
+from sparsecc.ops import tuning
 
 pytest.importorskip("triton")
 
@@ -216,14 +217,14 @@ def test_cost_model_times_the_triton_launchers_on_the_triton_path(monkeypatch, t
     assert calls["block_spmm"] >= 2 * 2 and calls["block_sddmm"] >= 2      # forward, input grad; weight grad
     (cache,) = tmp_path.glob("cost_model-*.json")
     monkeypatch.delenv("SPARSECC_TRITON")
-    assert "-triton" in cache.name and cache.name != cost_model._cache_file("cpu").name   # not the C++ kernels' file
+    assert "-triton" in cache.name and cache.name != tuning.cache_file(tuning.device_info("cpu")).name   # not the C++ kernels' file
 
 
 def _fake_gpu(monkeypatch, tmp_path):
     """The cost model seeing an H200 as cuda:0 (no CUDA call is made for it)."""
     from sparsecc import cost_model
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    gpu = cost_model.DeviceInfo("cuda:0", "NVIDIA H200", (9, 0), True, "NVIDIA-H200-cc90-torchX-tritonY")
+    gpu = tuning.DeviceInfo("cuda:0", "NVIDIA H200", (9, 0), True, "NVIDIA-H200-cc90-torchX-tritonY")
     real = cost_model.device_info
     monkeypatch.setattr(cost_model, "device_info", lambda d=None: gpu if str(d).startswith("cuda") else real(d))
     return cost_model, gpu
@@ -233,8 +234,9 @@ def test_gpu_decisions_are_measured_on_the_gpu_never_taken_from_cpu_timings(monk
     cost_model, gpu = _fake_gpu(monkeypatch, tmp_path)
     monkeypatch.delenv("SPARSECC_TRITON", raising=False)
     shape = cost_model.LinearShape(4096, 4096, 4096, torch.bfloat16, "blocks", 64, 0.1)
-    cost_model._cache_file().parent.mkdir(parents=True, exist_ok=True)
-    cost_model._cache_file().write_text(json.dumps({shape.key(): [100.0, 1.0]}))   # the CPU: sparse 100x faster
+    cpu_cache = tuning.cache_file(tuning.device_info())
+    cpu_cache.parent.mkdir(parents=True, exist_ok=True)
+    cpu_cache.write_text(json.dumps({shape.key(): [100.0, 1.0]}))   # the CPU: sparse 100x faster
     measured = []
     monkeypatch.setattr(cost_model, "measure", lambda s: measured.append(s.device) or (0.25, 0.5))
     with cost_model.compiling("cuda:0"):               # what the backend sets from CUDA parameters
@@ -288,9 +290,8 @@ def test_backend_hands_the_parameters_device_and_nm_patterns_to_the_cost_model(m
 
 
 def test_channels_weight_grad_takes_the_kernel_off_the_gpu():
-    from sparsecc import cost_model
     g, x = torch.randn(8, 4), torch.randn(8, 6)
-    assert cost_model.channels_choice(g, x, 3, "in", lambda: pytest.fail(), lambda: pytest.fail()) == "kernel"
+    assert tuning.channels_choice(g, x, 3, "in", lambda: pytest.fail(), lambda: pytest.fail()) == "kernel"
 
 
 def test_autotuner_times_each_candidate_once_and_keeps_the_fastest_on_disk(monkeypatch, tmp_path):

@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_unflatten, treespec_loads
 from .. import progress
 from ..calling import flatten
 from ..train_step import TrainStep, compile_train_step
-from ..config import ConfigError, closest, rule_name
+from ..config import rule_name
+from ..errors import ConfigError, closest
 from . import archive, iree, layouts, programs
 from .archive import ArtifactError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cost_model import cache_dir
+from ..cache import cache_dir
 from ..errors import ConfigError, closest
 from .programs import leafspec_warning_ignored
 

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, treespec_dumps
 
 from .. import ops  # noqa: F401  (registers the sparsecc:: ops SPARSE_KERNELS names)
 from .._torch import serde
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import layouts
 from ..calling import MASK_PREFIX, Structure, call_model, first_alias, flatten
 

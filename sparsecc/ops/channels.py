@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..optim import SGD, AdamW
+from . import tuning
 from .device import triton_kernels, use_triton
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,8 +47,7 @@ def channels_weight_grad(g: torch.Tensor, x: torch.Tensor, index: torch.Tensor |
         def kernel():
             return triton_kernels().channels_weight_grad(g, x, k if index is None else index, dim)
         if x.is_cuda:     # on a GPU: the generated kernel or slice + cuBLAS, whichever the cost model measured faster
-            from ..cost_model import channels_choice
-            if channels_choice(g, x, k if index is None else index, dim, kernel,
+            if tuning.channels_choice(g, x, k if index is None else index, dim, kernel,
                                lambda: _sliced_weight_grad(g, x, index, k, dim)) == "slice+mm":
                 return _sliced_weight_grad(g, x, index, k, dim)
         return kernel()

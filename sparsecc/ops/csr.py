@@ -27,6 +27,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import native
+from . import semi_structured, tuning
 from .device import triton_kernels, use_triton
 
 
@@ -100,8 +101,7 @@ def _sparse_tensor_cores(x: torch.Tensor, n_out: int, n_in: int, n: int, m: int)
     ops/semi_structured.py) or None (the generated N:M kernels)."""
     if not x.is_cuda:
         return None
-    from ..cost_model import nm_choice
-    return nm_choice(x.device, x.dtype, n_out, n_in, n, m)
+    return tuning.nm_choice(x.device, x.dtype, n_out, n_in, n, m)
 
 
 @torch.library.custom_op("sparsecc::nm_mm", mutates_args=())
@@ -110,7 +110,6 @@ def nm_mm(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.
     if use_triton(x):
         values2d, col2d = _ell(values, n_out), _ell(col, n_out)
         if _sparse_tensor_cores(x, n_out, x.shape[1], values2d.shape[1] * m // max(x.shape[1], 1), m):
-            from . import semi_structured
             return semi_structured.mm(x, values2d, col2d, x.shape[1])
         return triton_kernels().nm_mm(x, values2d, col2d, n_out, m=m)
     return _spmm(x, values, crow, col, n_out)
@@ -122,7 +121,6 @@ def nm_mm_t(g: torch.Tensor, values: torch.Tensor, col: torch.Tensor, t_crow: to
     if use_triton(g):
         values2d, col2d = _ell(values, g.shape[1]), _ell(col, g.shape[1])
         if _sparse_tensor_cores(g, g.shape[1], n_in, values2d.shape[1] * m // max(n_in, 1), m) == "semiT":
-            from . import semi_structured
             return semi_structured.mm_t(g, values2d, col2d, n_in)
         return triton_kernels().nm_mm_t(g, values2d, col2d, n_in, m=m)
     return _spmm(g, values, t_crow, t_col, n_in, perm=t_perm)

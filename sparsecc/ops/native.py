@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import progress
+from ..cache import cache_dir
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -61,7 +62,7 @@ def _build() -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *_FLAGS]).encode(), version.encode(), _host().encode()]))
-    cache = Path(os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc")
+    cache = cache_dir()
     lib = cache / f"kernels-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib

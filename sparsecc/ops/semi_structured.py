@@ -4,7 +4,7 @@ Feature-detected, never assumed: `available(device, dtype)` says whether torch.s
 here (a CUDA GPU of compute capability 8.0+, float16/bfloat16, a torch that has it) by compressing and multiplying
 a small 2:4 matrix once per device and dtype, and gives the reason when it does not. The cost model measures this
 path against the generated N:M kernels and dense GEMMs on the GPU and records which one a 2:4 weight uses
-(cost_model.nm_choice); the N:M ops (ops/csr.py) then call:
+(tuning.nm_choice, recorded by the cost model); the N:M ops (ops/csr.py) then call:
     forward      y = x @ W^T   = F.linear(x, compress(W))          W is 2:4 along its rows
     input grad   gx = g @ W    = F.linear(g, compress(W^T))        needs W^T 2:4 too: NM(2, 4, transposable=True)
 The weight gradient stays an SDDMM at the kept entries (the generated nm_sddmm kernel). The weight is compressed

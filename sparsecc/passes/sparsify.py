@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from .. import cost_model
 from .._torch import FUNCTIONAL_LINEAR, detect_fake_mode
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..sparse_registry import register
 from ..sparse_weights import SparseWeight, conv1x1
 from ..sparsity import Unstructured

@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 
 from .._torch import detect_fake_mode
-from ..config import Channels, ConfigError
+from ..config import Channels
+from ..errors import ConfigError
 from ..graph import backward_nodes, call, output_values, set_output_values, val
 from ..ops.channels import on_triton  # (importing sparsecc.ops registers the sparsecc:: ops)
 from . import ParamPlan, PassResult, Plan

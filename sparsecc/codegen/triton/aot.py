@@ -26,6 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ...cache import cache_dir
 from .configs import CONFIGS, SHARED_MEMORY
 from .generator import Kernel, generate, generated_kernels, imported_for_interpreter
 from .templates import Source
@@ -105,8 +106,7 @@ def spills_registers(used: dict, backend: str) -> bool:
 
 
 def _resource_cache() -> Path:
-    root = Path(os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc")
-    return root / "triton" / f"aot-resources-triton{triton.__version__}.json"
+    return cache_dir() / "triton" / f"aot-resources-triton{triton.__version__}.json"
 
 
 def resources(compiled) -> dict:

@@ -20,6 +20,7 @@ import triton
 import triton.language.standard
 from triton.runtime.jit import JITFunction
 
+from ...cache import cache_dir
 from .templates import Source
 
 
@@ -58,7 +59,7 @@ def interpreting() -> bool:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc") / "triton"
+    return cache_dir() / "triton"
 
 
 def _write(text: str, digest: str) -> Path:

@@ -4,7 +4,7 @@
 The disk cache is $SPARSECC_CACHE_DIR/triton/tuning-<device>-torch<v>-triton<v>.json (one file per GPU model and
 library versions, so a driver or compiler upgrade re-tunes). In the interpreter, while planning (tests), with one
 candidate, or with SPARSECC_TRITON_TUNE=0, the table's entry (the first candidate) runs untimed. Each candidate is
-run once to compile and warm up, then timed over a few launches with CUDA events (cost_model.gpu_median_ms); a candidate that fails to compile
+run once to compile and warm up, then timed over a few launches with CUDA events (ops/tuning.py's gpu_median_ms); a candidate that fails to compile
 or launch (e.g. out of shared memory on a smaller GPU than its target's) is skipped. Tuning a shape takes a few
 candidates x a few launches, plus Triton's one-time compilation of each candidate (cached by Triton on disk).
 """
@@ -19,7 +19,9 @@ from typing import Callable
 import torch
 import triton
 
-from ...cost_model import gpu_median_ms
+from ...cache import cache_dir
+from ...ops import tuning
+from ...ops.tuning import gpu_median_ms
 from ...progress import say
 
 _MEMO: dict[tuple[str, str], dict] = {}      # (device key, tuning key) -> the chosen config
@@ -35,24 +37,7 @@ def device_key(device: torch.device) -> str:
 
 
 def cache_file(device: torch.device) -> Path:
-    root = Path(os.environ.get("SPARSECC_CACHE_DIR") or Path.home() / ".cache" / "sparsecc")
-    return root / "triton" / f"tuning-{device_key(device)}.json"
-
-
-def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _store(path: Path, key: str, cfg: dict) -> None:
-    cache = _load(path)
-    cache[key] = cfg
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    tmp.replace(path)
+    return cache_dir() / "triton" / f"tuning-{device_key(device)}.json"
 
 
 def enabled() -> bool:
@@ -70,7 +55,7 @@ def pick(key: str, variants: list[tuple[object, dict]], run: Callable[[object, d
     chosen = _MEMO.get((dkey, key))
     if chosen is None:
         path = cache_file(device)
-        chosen = _load(path).get(key)
+        chosen = tuning.load(path).get(key)
         if chosen is None or json.dumps(chosen, sort_keys=True) not in by_cfg:
             times = {}
             for src, cfg in variants:
@@ -83,6 +68,6 @@ def pick(key: str, variants: list[tuple[object, dict]], run: Callable[[object, d
             best = min(times, key=times.get)
             chosen = json.loads(best)
             say(f"tuned {key}: {len(times)} configurations, fastest {times[best]:.3f} ms {best}")
-            _store(path, key, chosen)
+            tuning.store(path, key, chosen)
         _MEMO[(dkey, key)] = chosen
     return by_cfg.get(json.dumps(chosen, sort_keys=True), variants[0])
