@@ -21,7 +21,7 @@ import torch
 
 from .ops.block_sparse import block_index, block_values
 from .ops.csr import to_csr
-from .sparsity import Pattern
+from .sparsity import Pattern, matrix
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class SparseWeight:
         return f"{kind}, {self.pattern}, density {self.density:.3f}"
 
     def _index(self, support: torch.Tensor) -> dict[str, torch.Tensor]:
-        m = _matrix(support)
+        m = matrix(support)
         self.pattern.check_support(self.name, m)
         return self.format.build(m, self.block)
 
@@ -112,14 +112,10 @@ class SparseWeight:
 
     def gather(self, weight: torch.Tensor) -> torch.Tensor:
         """The stored values of a weight-shaped tensor (eager; graphs use the same code via the functions below)."""
-        return self.format.values(_matrix(weight), self.block, [self.index[k] for k in self.format.gather_keys])
+        return self.format.values(matrix(weight), self.block, [self.index[k] for k in self.format.gather_keys])
 
 
 # ---- what rewritten graphs call -------------------------------------------------------------------------------
-
-def _matrix(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], -1)
-
 
 def _block_values(w: torch.Tensor, b: int, index: list[torch.Tensor]) -> torch.Tensor:
     return block_values(w, *index, b)
@@ -138,7 +134,7 @@ def _linear(x, w, bias, mm):
 
 def block_linear(x, weight, bias, b: int, keep, rows, cols):
     """linear(x, weight, bias) computed on the weight's kept b x b blocks only."""
-    w = _matrix(weight)
+    w = matrix(weight)
     values = _block_values(w, b, [rows, cols]) * keep[:, None, None]
     return _linear(x, w, bias, lambda x2: torch.ops.sparsecc.block_sparse_mm(x2, values, rows, cols, w.shape[0]))
 
@@ -146,7 +142,7 @@ def block_linear(x, weight, bias, b: int, keep, rows, cols):
 def csr_linear(x, weight, bias, m: int, keep, flat, crow, col, t_crow, t_col, t_perm):
     """linear(x, weight, bias) computed on the weight's stored (CSR) entries only: sparsecc::nm_mm for an N:M
     support (m = M), sparsecc::csr_mm for any other (m = 0)."""
-    w = _matrix(weight)
+    w = matrix(weight)
     values = _csr_values(w, 1, [flat]) * keep
     index = (crow, col, t_crow, t_col, t_perm)
     if m:

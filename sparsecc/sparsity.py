@@ -27,9 +27,9 @@ def _density(name: str, value) -> None:
         raise ConfigError(f"{name} density must be in (0, 1], got {value!r}")
 
 
-def _matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A weight as [out, in]: a conv's kernel dims fold into its input dimension."""
-    return weight.detach().reshape(weight.shape[0], -1)
+def matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as [out, in]: a conv's kernel dims fold into its input dimension (a view; differentiable)."""
+    return weight.reshape(weight.shape[0], -1)
 
 
 class Pattern:
@@ -106,7 +106,7 @@ class NM(Pattern):
         return self.n / self.m
 
     def check(self, name: str, weight: torch.Tensor) -> None:
-        rows, cols = _matrix(weight).shape
+        rows, cols = matrix(weight).shape
         if cols % self.m:
             raise ConfigError(f"Sparsity for {name!r}: NM({self.n}, {self.m}) groups the {cols} input entries "
                               f"by {self.m}, which does not divide them")
@@ -116,8 +116,8 @@ class NM(Pattern):
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
         if self.transposable:
-            return transposable_mask(_matrix(weight), self.n, self.m).reshape(weight.shape)
-        w = _matrix(weight).abs().reshape(weight.shape[0], -1, self.m)
+            return transposable_mask(matrix(weight), self.n, self.m).reshape(weight.shape)
+        w = matrix(weight.detach()).abs().reshape(weight.shape[0], -1, self.m)
         keep = torch.zeros_like(w, dtype=torch.bool).scatter_(2, w.topk(self.n, dim=2).indices, True)
         return keep.reshape(weight.shape)
 
@@ -173,15 +173,15 @@ class Blocks(Pattern):
         _density("Blocks", self.density)
 
     def check(self, name: str, weight: torch.Tensor) -> None:
-        rows, cols = _matrix(weight).shape
+        rows, cols = matrix(weight).shape
         if rows % self.size or cols % self.size:
             raise ConfigError(f"Sparsity for {name!r}: Blocks({self.size}) does not divide the weight's "
                               f"{rows}x{cols} matrix")
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
-        rows, cols = _matrix(weight).shape
+        rows, cols = matrix(weight).shape
         b = self.size
-        norms = _matrix(weight).reshape(rows // b, b, cols // b, b).square().sum((1, 3))
+        norms = matrix(weight.detach()).reshape(rows // b, b, cols // b, b).square().sum((1, 3))
         k = max(1, math.ceil(self.density * norms.numel() - 1e-9))
         keep = torch.zeros(norms.numel(), dtype=torch.bool)
         keep[norms.flatten().topk(k).indices] = True
