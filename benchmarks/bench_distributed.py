@@ -10,8 +10,12 @@ norm, head; AdamW):
   ddp-freeze-inductor  the same, torch.compile(ddp) with Inductor (Dynamo's DDPOptimizer)
   sparsecc-backend     torch.compile(sparsecc.data_parallel(model, scheme), backend="sparsecc")
   sparsecc             sparsecc.compile_train_step(..., process_group=WORLD): one graph, collectives inside
+  fsdp2-freeze         FSDP2 fully_shard on the root with that freezing, eager
+  sparsecc-fsdp2       torch.compile(sparsecc.fully_shard(model, scheme), backend="sparsecc")
 Bytes are counted where they are sent: a counting DDP communication hook for the DDP variants, the hook's own
-counter for sparsecc.data_parallel, the graph's all-reduce sizes for the one-graph step.
+counter for sparsecc.data_parallel, the graph's all-reduce sizes for the one-graph step; for FSDP2 a counting
+reduce-scatter comm (its input: every gradient FSDP2 packs) and sparsecc's comm (the trained elements, sent as an
+all-reduce, which a ring pays twice, when they are under half of that input; else the same reduce-scatter).
 
 The projection is arithmetic, not a measurement: ring all-reduce moves 2(n-1)/n of the buffer per rank over
 each link, plus 2(n-1) hops of latency; stated link: 50 GB/s per rank (400 Gb/s InfiniBand NDR), 5 us per hop.
@@ -29,9 +33,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsecc
+from sparsecc.distributed import reduce_scatter
 from bench_sparse_update import layer_freeze, transformer_case
 from common import cli, interleaved_medians
 
@@ -75,6 +81,17 @@ class TorchStep:
         return self.counter.bytes_sent - before
 
 
+class CountingReduceScatter(Counter):
+    """FSDP2's plain reduce-scatter (set_custom_reduce_scatter), counting its input bytes."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        self.bytes_sent += input_tensor.numel() * input_tensor.element_size()
+        return reduce_scatter(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+
 def ddp_with_counter(model, **kwargs) -> tuple[DDP, Counter]:
     ddp, counter = DDP(model, **kwargs), Counter()
     ddp.register_comm_hook(counter, _counting_allreduce)
@@ -104,6 +121,15 @@ def variants(model, scheme, x, y) -> dict:
     step.bytes_per_step = lambda x, y: next(p.counts for p in step.report.passes
                                             if p.name == "all_reduce_gradients")["bytes_all_reduced"]
     out["sparsecc"] = step
+    m = copy.deepcopy(model)
+    layer_freeze(m, scheme)
+    fully_shard(m)
+    m.set_custom_reduce_scatter(counter := CountingReduceScatter())
+    out["fsdp2-freeze"] = TorchStep(m, [p for p in m.parameters() if p.requires_grad], counter)
+    m = copy.deepcopy(model)
+    sparsecc.fully_shard(m, scheme)
+    out["sparsecc-fsdp2"] = TorchStep(torch.compile(m, backend="sparsecc", options={"update": scheme}),
+                                      [p for p in m.parameters() if p.requires_grad], m.sparsecc_comm)
     return out
 
 
@@ -174,7 +200,8 @@ def ring_seconds(nbytes: int, ranks: int) -> float:
 
 def main():
     args = cli(__doc__, rounds=10)
-    print(f"{WORLD} processes (gloo), 1 thread each; bytes all-reduced per step per rank", flush=True)
+    print(f"{WORLD} processes (gloo), 1 thread each; bytes per step per rank: all-reduced (DDP, one graph), "
+          f"reduce-scatter input or packed all-reduce (FSDP2)", flush=True)
     results = mp.get_context("spawn").SimpleQueue()
     print("[distributed] compiling on both ranks ...", file=sys.stderr, flush=True)
     mp.start_processes(rank_main, args=(free_port(), args.quick, args.rounds, results), nprocs=WORLD,

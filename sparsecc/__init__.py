@@ -14,7 +14,7 @@ _EXPORTS = {   # public name -> the submodule that defines it
     "UnsupportedGraphError": "backend", "backend": "backend",
     "Channels": "config", "Config": "config", "ConfigError": "config", "UpdateScheme": "config",
     "DynamicSparsity": "dynamic",
-    "data_parallel": "distributed",
+    "data_parallel": "distributed", "fully_shard": "distributed",
     "explain": "explain",
     "ArtifactError": "export", "Runner": "export", "load": "export", "save": "export",
     "SGD": "optim", "AdamW": "optim",

@@ -5,16 +5,12 @@ ORDER "compile(dp)" is torch.compile(sparsecc.data_parallel(model, scheme), back
 is sparsecc.data_parallel(torch.compile(model, backend="sparsecc"), scheme). 3 SGD steps on every parameter of
 the model (an optimizer skips a parameter whose .grad is None).
 """
-import json
-import os
 import sys
 
-import safetensors.torch
 import torch
-import torch.distributed as dist
 
 import sparsecc
-from test_data_parallel import join_as_rank
+from test_data_parallel import join_as_rank, sgd_steps_and_record
 from test_train_step import SCHEMES
 
 
@@ -29,21 +25,7 @@ def main():
     else:
         ddp = trained = sparsecc.data_parallel(torch.compile(model, backend="sparsecc", options=options), scheme,
                                                find_unused_parameters=find_unused == "1")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses, with_grad = [], set()
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(trained(x), y)
-        loss.backward()
-        with_grad |= {n for n, p in model.named_parameters() if p.grad is not None}
-        opt.step()
-        losses.append(float(loss))
-    safetensors.torch.save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
-                                os.path.join(out, f"rank{rank}.safetensors"))
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"losses": losses, "bytes_sent": ddp.sparsecc_comm.bytes_sent, "with_grad": sorted(with_grad)}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    sgd_steps_and_record(model, trained, x, y, loss_fn, out, rank, lambda: ddp.sparsecc_comm.bytes_sent)
 
 
 if __name__ == "__main__":

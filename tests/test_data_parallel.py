@@ -44,6 +44,28 @@ def join_as_rank(rank: int, world: int, port: str, model_name: str):
     return model, x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share], loss_fn
 
 
+def sgd_steps_and_record(model, trained, x, y, loss_fn, out, rank, bytes_sent) -> None:
+    """In a worker process: 3 SGD steps of `trained` (the wrapped model) on every parameter of model (an
+    optimizer skips a parameter whose .grad is None); writes the full parameters and a json record for run_ranks."""
+    import torch.distributed as dist
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses, with_grad = [], set()
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(trained(x), y)
+        loss.backward()
+        with_grad |= {n for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        losses.append(float(loss))
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous()   # FSDP2: DTensors
+              for n, p in model.named_parameters()}
+    safetensors.torch.save_file(params, os.path.join(out, f"rank{rank}.safetensors"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"losses": losses, "bytes_sent": bytes_sent(), "with_grad": sorted(with_grad)}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,11 +158,25 @@ try:
 except Exception as e:
     print("PER-LAYER REFUSED", type(e).__name__, str(e).replace(chr(10), " "))
 try:
+    sparsecc.fully_shard(per_layer, scheme)
+except sparsecc.ConfigError as e:
+    print("RESHARD REFUSED", str(e))
+try:
     sparsecc.compile_train_step(per_layer, lambda out, y: out.sum(), optimizer=sparsecc.SGD(0.1), update=scheme,
                                 example_inputs=(x,), executor="eager")
     print("STEP TRAINED")
 except sparsecc.ConfigError as e:
     print("STEP REFUSED", str(e).replace(chr(10), " "))
+from sparsecc.distributed import TrainedOnlyReduceScatter
+a, b = torch.zeros(4, 3), torch.zeros(8, 3)             # one rank: each path must return its input's trained part
+for parts, packed in (({id(a): None, id(b): (0, torch.tensor([1, 6]))}, False),   # 18 of 36: plain reduce-scatter
+                      ({id(b): (1, torch.tensor([2]))}, True)):                     # 8 of 24 (a frozen): packed
+    comm = TrainedOnlyReduceScatter([(a, (4, 3), 0), (b, (8, 3), 0)], parts)
+    grads = torch.arange(36.0) if id(a) in parts else torch.arange(24.0)
+    out = torch.full_like(grads, -1.0)
+    comm(out, grads.clone(), dist.group.WORLD, dist.ReduceOp.SUM)
+    want = grads if not packed else torch.zeros(8, 3).index_fill_(1, torch.tensor([2]), 1).flatten() * grads
+    print("COMM", packed, comm.bytes_sent == (32 if packed else 144), torch.equal(out, want))
 torch.manual_seed(0)
 root = MLP()
 fully_shard(root)
@@ -161,7 +197,10 @@ def test_fsdp2_per_layer_sharding_is_refused_and_root_sharding_keeps_the_scheme(
     assert "PER-LAYER REFUSED" in out.stdout and "FSDP2 fully_shard on submodules" in out.stdout
     assert "Shard only the root module" in out.stdout
     assert "ROOT GRADS ['fc3.bias', 'fc3.weight']" in out.stdout
+    assert "COMM False True True" in out.stdout and "COMM True True True" in out.stdout
     assert "STEP REFUSED compile_train_step cannot train an FSDP2-sharded model (FSDPLinear, FSDPMLP hold" in out.stdout
+    assert "RESHARD REFUSED sparsecc.fully_shard shards the root module itself, but FSDPLinear, FSDPMLP are " \
+           "already fully_shard'ed" in out.stdout
 
 
 def test_scheme_trained_lists_each_trained_parameter_once_tied_included():
@@ -196,6 +235,33 @@ def test_data_parallel_sends_the_trained_elements_and_trains_exactly(tmp_path, m
             assert torch.equal(params0[name], initial[name]), f"frozen {name} changed"
         torch.testing.assert_close(params0[name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
     assert record["bytes_sent"] == 3 * ideal_bytes(model, SCHEMES[model_name][scheme])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,order", [("mlp", "compile(shard)"), ("transformer", "shard(compile)")])
+def test_fsdp2_root_sharding_trains_like_one_process_and_reduces_only_trained_elements(tmp_path, model_name, order):
+    ranks = run_ranks(tmp_path, model_name, "mixed", order, worker="fsdp_worker.py")
+    model, x, y, loss_fn = global_batch(model_name)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = copy.deepcopy(model)
+    scheme = SCHEMES[model_name]["mixed"]
+    ref_losses = reference_steps(ref, x, y, loss_fn, scheme, OPTIMIZERS["sgd"][1], 3)
+    mean_losses = torch.tensor([sum(r[0]["losses"][i] for r in ranks) / WORLD for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(mean_losses, torch.stack(ref_losses), rtol=1e-10, atol=1e-12)
+    rules = scheme.resolve(dict(model.named_parameters()))
+    (record, params0), (_, params1) = ranks
+    assert record["with_grad"] == sorted(n for n in rules if rules[n] != "frozen")     # frozen: .grad stays None
+    for name, p in ref.named_parameters():
+        assert torch.equal(params0[name], params1[name]), f"{name} differs between the ranks"
+        if rules[name] == "frozen":
+            assert torch.equal(params0[name], initial[name]), f"frozen {name} changed"
+        torch.testing.assert_close(params0[name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
+    # FSDP2's own reduce-scatter sends every gradient it packs (dim 0 padded to the world size), Channels weights
+    # whole; the trained elements alone go as an all-reduce, which a ring pays twice: only when under half
+    packed = sum(-(-p.shape[0] // WORLD) * WORLD * p[0].numel() * p.element_size()
+                 for n, p in model.named_parameters() if rules[n] != "frozen")
+    assert 2 * ideal_bytes(model, scheme) < packed           # both schemes: mostly Channels by element count
+    assert record["bytes_sent"] == 3 * ideal_bytes(model, scheme)
 
 
 NAMING_SCRIPT = r"""
