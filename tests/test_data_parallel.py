@@ -157,6 +157,17 @@ try:
     print("PER-LAYER TRAINED")
 except Exception as e:
     print("PER-LAYER REFUSED", type(e).__name__, str(e).replace(chr(10), " "))
+torch.manual_seed(0)
+late = MLP()                                   # per layer after torch.compile: refused the same way
+late_compiled = torch.compile(late, backend="sparsecc", options={"update": scheme})
+for layer in (late.fc1, late.fc2, late.fc3):
+    fully_shard(layer)
+fully_shard(late_compiled)
+try:
+    late_compiled(x).sum().backward()
+    print("LATE TRAINED")
+except Exception as e:
+    print("LATE REFUSED", "FSDP2 fully_shard on submodules" in str(e))
 try:
     sparsecc.fully_shard(per_layer, scheme)
 except sparsecc.ConfigError as e:
@@ -195,6 +206,7 @@ def test_fsdp2_per_layer_sharding_is_refused_and_root_sharding_keeps_the_scheme(
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PER-LAYER TRAINED" not in out.stdout
     assert "PER-LAYER REFUSED" in out.stdout and "FSDP2 fully_shard on submodules" in out.stdout
+    assert "LATE REFUSED True" in out.stdout
     assert "Shard only the root module" in out.stdout
     assert "ROOT GRADS ['fc3.bias', 'fc3.weight']" in out.stdout
     assert "COMM False True True" in out.stdout and "COMM True True True" in out.stdout
