@@ -152,3 +152,19 @@ def test_fused_equals_unfused_on_transformers_models(name):
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
     for n in params0:
         torch.testing.assert_close(params1[n], params0[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_the_op_holds_one_chunk_of_logits_at_a_time():
+    """Measured (profiler) peak of the op's own kernel: its outputs plus the workspace the memory model charges
+    (one [chunk, vocab] buffer, the hidden-state gradient's pieces), not a second chunk's logits beside it."""
+    from sparsecc.memory import measure_peak
+    from sparsecc.ops.linear_cross_entropy import workspace_bytes
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 16, generator=g), torch.randn(4096, 16, generator=g)
+    target = torch.randint(0, 4096, (64,), generator=g)
+    call = lambda: torch.ops.sparsecc.linear_cross_entropy(h, w, None, target, "mean", -100, 0.0, None, 16, True,  # noqa: E731
+                                                           True)
+    outputs = h.numel() * 4 + w.numel() * 4
+    chunk = 16 * 4096 * 4
+    assert workspace_bytes(h, w, None, 16, True) == chunk + h.numel() * 4
+    assert measure_peak(call) <= outputs + workspace_bytes(h, w, None, 16, True) + chunk // 4

@@ -48,7 +48,9 @@ def chunked(h, weight, bias, target, reduction: str, ignore_index: int, smoothin
             row = (1 - smoothing) * row + smoothing * (lse - mean)
         part = torch.where(valid, row, 0).sum()
         loss = part if loss is None else loss + part
+        del logits                # e holds the chunk's buffer; every name for it goes before the next chunk's
         if not (input_grad or weight_grad):
+            del e
             continue
         # d loss / d logits = scale * (softmax - (1 - eps) onehot - eps / V), scale = valid / count (mean) or valid
         scale = valid.to(dtype) / count if reduction == "mean" else valid.to(dtype)
@@ -60,15 +62,18 @@ def chunked(h, weight, bias, target, reduction: str, ignore_index: int, smoothin
         if smoothing:
             grad = grad - smoothing / vocab * scale[:, None]
         grad = grad.to(h.dtype)
+        del e
         if input_grad:
             d_h.append(grad @ weight)
         if weight_grad:
             a, b = (grad.t(), h_c if k < 0 else _take(h_c, 1, channels, k)) if k < 0 or dim == 1 else \
                 (_take(grad, 1, channels, k).t(), h_c)
             d_w = a @ b if d_w is None else d_w.addmm_(a, b) if inplace else d_w + a @ b
+            del a, b
             if bias is not None:
                 part_b = grad.sum(0)
                 d_b = part_b if d_b is None else d_b.add_(part_b) if inplace else d_b + part_b
+        del grad                  # else the next chunk's logits would be allocated beside this chunk's buffer
     return (loss / count if reduction == "mean" else loss, torch.cat(d_h) if input_grad else h.new_empty(0),
             d_w if weight_grad else h.new_empty(0), d_b if weight_grad and bias is not None else h.new_empty(0))
 
