@@ -17,7 +17,13 @@ timeline); the weights are not counted. The logits alone are 8*256*32000*4 B = 2
 Section "full" runs the same variants with every parameter trained (no freezing): there the backward keeps
 the activations of every layer, which is what memory_budget= and activation_memory_budget trade.
 
-usage: python benchmarks/bench_llm_memory.py [--rounds 5] [--quick] [--only sparse-update|full]
+Section "gpu" (on a CUDA GPU; skipped without one, or with --quick a tiny model on the CPU to smoke-test it): the
+0.74 B and 6.7 B configurations of ../shared/gpu/README.md as transformers Llamas in bfloat16 (12 layers, hidden
+2048, intermediate 5504; 32 layers, hidden 4096, intermediate 11008; vocab 32,000; 4x512 tokens), the same
+scheme, AdamW: inductor-freeze against sparsecc, training memory = optimizer state + the peak a step allocates
+above what was live before it (torch.cuda.max_memory_allocated), step times with the GPU synchronised.
+
+usage: python benchmarks/bench_llm_memory.py [--rounds 5] [--quick] [--only sparse-update|full|gpu]
 """
 from __future__ import annotations
 
@@ -35,19 +41,26 @@ from sparsecc._torch import functorch_config
 from sparsecc.memory import measure_peak
 
 
-def case(quick: bool):
+GPU_CONFIGS = {"0.74B": (12, 2048, 5504, 16, 16), "6.7B": (32, 4096, 11008, 32, 32)}   # layers, d, inter, heads, kv
+
+
+def case(quick: bool, size=None, device="cpu", dtype=torch.float32):
+    """(model, token ids, scheme): the CPU benchmark's Llama, a tiny one (quick), or a GPU_CONFIGS size."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    layers, d, inter, vocab, batch, seq = (2, 64, 128, 4096, 2, 64) if quick else (4, 256, 688, 32000, 8, 256)
+    layers, d, inter, heads, kv = GPU_CONFIGS[size] if size else (2, 64, 128, 4, 2) if quick else (4, 256, 688, 4, 2)
+    vocab, batch, seq = (4096, 2, 64) if quick else (32000, 4, 512) if size else (32000, 8, 256)
     config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=seq,
                          tie_word_embeddings=False)
     last = layers - 1
     scheme = sparsecc.UpdateScheme({
         f"model.layers.{last - 1}.*norm.weight": "full", f"model.layers.{last}.*norm.weight": "full",
         f"model.layers.{last}.mlp.*.weight": sparsecc.Channels(0.25), "model.norm.weight": "full",
         "lm_head.weight": "full"})
-    ids = torch.randint(0, vocab, (batch, seq))
-    return LlamaForCausalLM(config), ids, scheme
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model, ids, scheme
 
 
 def loss_fn(out, y):
@@ -93,11 +106,64 @@ def variants(model, scheme, x, y):
 
 
 def main():
-    args = cli(__doc__, rounds=5, sections=("sparse-update", "full"))
-    for section in [args.only] if args.only else ["sparse-update", "full"]:
-        model, x, scheme = case(args.quick)
+    args = cli(__doc__, rounds=5, sections=("sparse-update", "full", "gpu"))
+    for section in [args.only] if args.only else ["sparse-update", "full", "gpu"]:
         print(f"\n[{section}]")
+        if section == "gpu":
+            gpu_section(args.quick, args.rounds)
+            continue
+        model, x, scheme = case(args.quick)
         run(model, x, scheme if section == "sparse-update" else sparsecc.UpdateScheme.full(), args.rounds)
+
+
+def gpu_section(quick: bool, rounds: int) -> None:
+    if not torch.cuda.is_available() and not quick:
+        print("no CUDA GPU here: the 0.74 B and 6.7 B configurations need one (--quick smoke-tests this section on "
+              "the CPU)")
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for size in ["tiny"] if quick else list(GPU_CONFIGS):
+        model, x, scheme = case(quick, None if quick else size, device, torch.bfloat16)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{size}: {params / 1e9:.2f} B parameters, bfloat16, {x.shape[0]}x{x.shape[1]} tokens, {device}",
+              flush=True)
+        steps = {}
+        m = copy.deepcopy(model)
+        steps["inductor-freeze"] = EagerStep(m, torch.compile(m), layer_freeze(m, scheme), loss_fn)
+        m = copy.deepcopy(model)
+        steps["sparsecc"] = sparsecc.compile_train_step(m, loss_fn, optimizer=sparsecc.AdamW(lr=LR), update=scheme,
+                                                        example_inputs=(x, x))
+        del model, m
+        synced = {k: (lambda s=s: (s(x, x), _sync(device))) for k, s in steps.items()}
+        times = interleaved_medians(synced, rounds, warmup=2)
+        print(f"{'variant':18}{'step ms':>10}{'opt state MB':>14}{'step peak MB':>14}{'train mem MB':>14}{'vs ind.':>9}")
+        rows = {}
+        for k, s in steps.items():
+            state = state_bytes(s.state() if isinstance(s, EagerStep) else
+                                (t for st in s.state.values() for t in st.values()))
+            rows[k] = (times[k], state, _peak(lambda s=s: s(x, x), device))
+        base = rows["inductor-freeze"][1] + rows["inductor-freeze"][2]
+        for k, (t, state, peak) in rows.items():
+            print(f"{k:18}{t * 1e3:10.2f}{state / 2**20:14.1f}{peak / 2**20:14.1f}{(state + peak) / 2**20:14.1f}"
+                  f"{base / (state + peak):8.2f}x")
+        del steps, synced
+
+
+def _sync(device) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(fn, device) -> int:
+    """Peak bytes one call allocates above what was live before it (CUDA's allocator statistics on a GPU)."""
+    if device != "cuda":
+        return measure_peak(fn)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def run(model, x, scheme, rounds):
