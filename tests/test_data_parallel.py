@@ -342,10 +342,15 @@ def test_patterns_name_the_models_own_parameters_under_ddp_and_hand_built_ddp_is
     assert lines["STEP"] == f"COMM ('0', 1, {3 * 2 ** 20})"
 
 
-def test_data_parallel_refuses_a_ddp_and_a_missing_scheme():
+def test_data_parallel_and_fully_shard_refuse_bad_input_and_change_nothing():
     model, _ = make("mlp")
     with pytest.raises(sparsecc.ConfigError, match=r"needs an UpdateScheme, got dict"):
         sparsecc.data_parallel(model, {"fc3.*": "full"})
     ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
     with pytest.raises(sparsecc.ConfigError, match=r"wraps the model in DistributedDataParallel itself; pass the model"):
         sparsecc.data_parallel(ddp, SCHEMES["mlp"]["mixed"])
+    with pytest.raises(sparsecc.ConfigError, match=r"sparsecc.fully_shard needs an UpdateScheme, got dict"):
+        sparsecc.fully_shard(model, {"fc3.*": "full"})
+    with pytest.raises(sparsecc.ConfigError, match=r"matches no parameter"):
+        sparsecc.fully_shard(model, sparsecc.UpdateScheme({"fc9.*": "full"}))
+    assert all(p.requires_grad for p in model.parameters())          # nothing was changed
