@@ -94,11 +94,11 @@ def ddp_ignore(module, names: list[str]) -> None:
 
 def fsdp_groups(module) -> list:
     """The FSDP2 parameter groups of a module fully_shard was applied to (one per mesh; the root's own state):
-    per group, (registered parameter, full shape, shard dim) of its FSDPParams in the order FSDP2 packs their gradients for the reduce-scatter (foreach_reduce:
-    each gradient's dim 0 padded to a multiple of the world size, cut into one chunk per rank, rank r's
-    chunks concatenated as row r of the flat input). Relies on FSDPModule._get_fsdp_state()._fsdp_param_groups,
-    FSDPParam.sharded_param (the DTensor registered as the module's parameter), ._orig_size and
-    .fsdp_placement."""
+    per group, (registered parameter, full shape, shard dim) of its FSDPParams in the order FSDP2 packs their
+    gradients for the reduce-scatter (foreach_reduce: each gradient's dim 0 padded to a multiple of the world
+    size, cut into one chunk per rank, rank r's chunks concatenated as row r of the flat input). Relies on
+    FSDPModule._get_fsdp_state()._fsdp_param_groups, FSDPParam.sharded_param (the DTensor registered as the
+    module's parameter), ._orig_size and .fsdp_placement."""
     return [[(fp.sharded_param, tuple(fp._orig_size), fp.fsdp_placement.dim) for fp in group.fsdp_params]
             for group in module._get_fsdp_state()._fsdp_param_groups]
 

@@ -117,7 +117,8 @@ def _refuse_unreachable_fsdp(found: dict) -> None:
         raise ConfigError(
             f"backend='sparsecc' cannot apply the update scheme through FSDP2 fully_shard on submodules (this "
             f"graph runs {', '.join(sharded)} and receives none of its parameters: Dynamo splits the graph at "
-            f"FSDP's hooks, so the model would train in full). Shard only the root module, train data-parallel "
+            f"FSDP's hooks, so the model would train in full). Shard only the root module "
+            f"(sparsecc.fully_shard(model, scheme) does, and sends only the trained elements), train data-parallel "
             f"with sparsecc.compile_train_step(..., process_group=...), or freeze with requires_grad_(False) "
             f"under FSDP2")
 

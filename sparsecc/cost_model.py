@@ -18,8 +18,9 @@ Refusals that need no measurement, with their reason: a dtype the Triton kernels
 no triton installed. N:M weights on the Triton path are timed on their own kernels (the N:M ELL kernels) and, for
 2:4 in float16/bfloat16 on a GPU with sparse tensor cores, on those (torch's semi-structured sparsity: forward,
 and the input gradient too for NM(2, 4, transposable=True)); the faster is recorded (nm_choice) and the N:M ops use
-it (ops/tuning.py, which holds the timers and the cache files too); where sparse tensor cores cannot run, the reason is part of the decision's text. The Channels weight gradient
-chooses between the generated kernel and the gathered slice + cuBLAS the same way, per shape (channels_choice).
+it (ops/tuning.py, which holds the timers and the cache files too); where sparse tensor cores cannot run, the
+reason is part of the decision's text. The Channels weight gradient chooses between the generated kernel and the
+gathered slice + cuBLAS the same way, per shape (ops/tuning.py's channels_choice).
 """
 from __future__ import annotations
 

@@ -127,23 +127,24 @@ class TrainedOnlyReduceScatter:
 
     def __init__(self, params: list[tuple[torch.Tensor, tuple, int]], parts: dict):
         self.params, self.parts = params, parts   # (registered parameter, full shape, shard dim) in FSDP2's order
-        self.layouts: dict[int, torch.Tensor | None] = {}
+        self.layouts: dict[tuple, tuple | None] = {}
         self.bytes_sent = 0
 
     def allocate(self, size, *, dtype, device):
         return torch.empty(*size, dtype=dtype, device=device)
 
-    def _layout(self, world: int) -> torch.Tensor | None:
-        """bool [world, n]: which entries of the packed input are trained; None if FSDP2 shards some gradient
-        along a dimension other than 0 (then its chunks are transposed before packing)."""
-        if world not in self.layouts:
+    def _layout(self, world: int, device: torch.device) -> tuple | None:
+        """(bool [world, n] on device: which entries of the packed input are trained, trained entries per row),
+        built once per world size and device; None if FSDP2 shards some gradient along a dimension other than 0
+        (then its chunks are transposed before packing)."""
+        if (world, device) not in self.layouts:
             rows = []
             for p, shape, dim in self.params:
                 if id(p) not in self.parts:
                     continue                      # frozen: requires_grad=False, never among the gradients
                 if dim != 0:
-                    self.layouts[world] = None
-                    return None
+                    rows = None
+                    break
                 padded = torch.zeros((-(-shape[0] // world) * world, *shape[1:]), dtype=torch.bool)
                 part = self.parts[id(p)]
                 if part is None:
@@ -151,25 +152,25 @@ class TrainedOnlyReduceScatter:
                 else:
                     padded[:shape[0]].index_fill_(part[0], part[1].cpu(), True)
                 rows.append(padded.view(world, -1))
-            self.layouts[world] = torch.cat(rows, 1) if rows else None
-        return self.layouts[world]
+            mask = torch.cat(rows, 1) if rows else None
+            self.layouts[world, device] = None if mask is None else (mask.to(device), mask.sum(1).tolist())
+        return self.layouts[world, device]
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
         world = dist.get_world_size(group)
-        layout = self._layout(world)
+        layout = self._layout(world, input_tensor.device)
+        mask, counts = layout if layout is not None else (None, [])
         # on a ring an all-reduce moves twice its payload per rank, a reduce-scatter once: pack only below half
-        if layout is None or layout.numel() != input_tensor.numel() or 2 * int(layout.sum()) >= layout.numel():
+        if mask is None or mask.numel() != input_tensor.numel() or 2 * sum(counts) >= mask.numel():
             self.bytes_sent += input_tensor.numel() * input_tensor.element_size()
             return reduce_scatter(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
-        layout = layout.to(input_tensor.device)
-        packed = input_tensor.view(world, -1)[layout]
+        packed = input_tensor.view(world, -1)[mask]
         self.bytes_sent += packed.numel() * packed.element_size()
         dist.all_reduce(packed, op=op, group=group)
         rank = dist.get_rank(group)
-        counts = layout.sum(1).tolist()
         start = sum(counts[:rank])
         output_tensor.zero_()
-        output_tensor[layout[rank]] = packed[start:start + counts[rank]]
+        output_tensor[mask[rank]] = packed[start:start + counts[rank]]
         return None
 
 
@@ -190,10 +191,15 @@ def fully_shard(model, scheme: UpdateScheme, **fully_shard_kwargs):
     own = dict(unwrapped(model).named_parameters(remove_duplicate=False))
     rules = scheme.resolve(own)
     parts = _trained_parts(own, rules)       # from the full parameters: magnitude channels alike on every rank
-    for name, p in own.items():
-        if rules[name] == "frozen":
-            p.requires_grad_(False)
-    module = torch_fully_shard(model, **fully_shard_kwargs)
+    frozen = [p for name, p in own.items() if rules[name] == "frozen" and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        module = torch_fully_shard(model, **fully_shard_kwargs)
+    except Exception:
+        for p in frozen:                     # a fully_shard that fails (bad kwargs) leaves the model as it was
+            p.requires_grad_(True)
+        raise
     registered = unwrapped(module).named_parameters()   # fully_shard registered new (DTensor) parameters
     parts = {id(p): parts[name] for name, p in registered if name in parts}
     groups = fsdp_groups(module)

@@ -171,8 +171,7 @@ class TrainStep:
         wrapper = _LossModule(self.model, self.loss_fn, structure, self.masks)
         saved = {p: p.requires_grad for p in self.params.values()}
         seconds = {} if seconds is None else seconds
-        self._sparse: set[str] = set()
-        operands = {}
+        sparse, operands = set(), {}            # what the sparse rewrite did (nothing without one)
         try:
             for p in self.params.values():
                 p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
@@ -186,7 +185,7 @@ class TrainStep:
                                                                                    self.params)):
                         rewrite = sparsify_step(captured, self.model, wrapper.masked, self.config)
                     captured_passes.append(rewrite.result)
-                    self._sparse, operands = rewrite.sparse_params, rewrite.operands
+                    sparse, operands = rewrite.sparse_params, rewrite.operands
                 for name, value in captured.named_buffers():        # and the trace's own constants
                     self.buffers.setdefault(name.removeprefix("model."), value)
                 seconds["capture"] = time.perf_counter() - start
@@ -210,7 +209,7 @@ class TrainStep:
         set_output_values(joint, outs[:n_fwd] + grads)
         rules = {n: self.rules[n] for i, n in enumerate(names) if i == first[i]}    # tied: first name trains
         plan = Plan.build([(i, n, self.params[n].shape) for i, n in enumerate(names)], rules, self.indices,
-                          self._sparse, n_fwd, self.optimizer, self.comm)
+                          sparse, n_fwd, self.optimizer, self.comm)
         joint.meta["sparsecc_io"] = StepInputs(names, [b.removeprefix("model.") for b in sig.buffers],
                                                [b.removeprefix("model.") for b in sig.buffers_to_mutate.values()],
                                                operands)
@@ -421,8 +420,8 @@ def _own_model(model, group, bucket_cap_mb):
     if sharded:
         raise ConfigError(f"compile_train_step cannot train an FSDP2-sharded model ({', '.join(sharded)} hold "
                           f"parameter shards): pass the unsharded model with process_group=..., which averages "
-                          f"only the trained gradients over the group, or use torch.compile(model, "
-                          f"backend='sparsecc') with fully_shard on the root module only")
+                          f"only the trained gradients over the group, or torch.compile(model, backend='sparsecc') "
+                          f"sharded on the root module only: sparsecc.fully_shard(model, scheme)")
     return model, group, bucket_cap_mb
 
 

@@ -353,4 +353,6 @@ def test_data_parallel_and_fully_shard_refuse_bad_input_and_change_nothing():
         sparsecc.fully_shard(model, {"fc3.*": "full"})
     with pytest.raises(sparsecc.ConfigError, match=r"matches no parameter"):
         sparsecc.fully_shard(model, sparsecc.UpdateScheme({"fc9.*": "full"}))
+    with pytest.raises(TypeError, match="reshard_after_forwrd"):       # FSDP2's own error, passed through
+        sparsecc.fully_shard(model, SCHEMES["mlp"]["mixed"], reshard_after_forwrd=True)
     assert all(p.requires_grad for p in model.parameters())          # nothing was changed

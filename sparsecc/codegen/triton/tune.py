@@ -4,24 +4,23 @@
 The disk cache is $SPARSECC_CACHE_DIR/triton/tuning-<device>-torch<v>-triton<v>.json (one file per GPU model and
 library versions, so a driver or compiler upgrade re-tunes). In the interpreter, while planning (tests), with one
 candidate, or with SPARSECC_TRITON_TUNE=0, the table's entry (the first candidate) runs untimed. Each candidate is
-run once to compile and warm up, then timed over a few launches with CUDA events (ops/tuning.py's gpu_median_ms); a candidate that fails to compile
-or launch (e.g. out of shared memory on a smaller GPU than its target's) is skipped. Tuning a shape takes a few
+run once to compile and warm up, then timed over a few launches with CUDA events (ops/tuning.py's gpu_median_ms);
+a candidate that fails to compile or launch (e.g. out of shared memory on a smaller GPU than its target's) is
+skipped. Tuning a shape takes a few
 candidates x a few launches, plus Triton's one-time compilation of each candidate (cached by Triton on disk).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
 import torch
-import triton
 
 from ...cache import cache_dir
 from ...ops import tuning
-from ...ops.tuning import gpu_median_ms
+from ...ops.tuning import device_info, gpu_median_ms
 from ...progress import say
 
 _MEMO: dict[tuple[str, str], dict] = {}      # (device key, tuning key) -> the chosen config
@@ -29,11 +28,9 @@ BUDGET_MS = 20.0       # timed launches per candidate: as many as fit, 3 to 25
 
 
 def device_key(device: torch.device) -> str:
-    """GPU model, capability and library versions: what a tuning result depends on."""
-    name = torch.cuda.get_device_name(device)
-    major, minor = torch.cuda.get_device_capability(device)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
-    return f"{slug}-cc{major}{minor}-torch{torch.__version__}-triton{triton.__version__}"
+    """GPU model, capability and library versions: what a tuning result depends on (the device setup the cost
+    model's measurements are filed under too)."""
+    return device_info(device).setup
 
 
 def cache_file(device: torch.device) -> Path:
