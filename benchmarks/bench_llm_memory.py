@@ -12,7 +12,8 @@ last two blocks' norms, Channels(0.25) on the last MLP, the final norm and the h
                          (a budget below the lowest reachable peak prints that floor instead of a row)
 Training memory = optimizer state + the measured peak of everything a step allocates (profiler memory
 timeline); the weights are not counted. The logits alone are 8*256*32000*4 B = 262 MB in float32.
-"model MB" is sparsecc's liveness model of the step (what memory_budget= is held to).
+"model MB" is sparsecc's memory model of the step, what memory_budget= is held to: for Inductor, the buffer plan of
+the wrapper Inductor generated (sparsecc/inductor_memory.py).
 
 Section "full" runs the same variants with every parameter trained (no freezing): there the backward keeps
 the activations of every layer, which is what memory_budget= and activation_memory_budget trade.

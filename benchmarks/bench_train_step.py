@@ -208,7 +208,8 @@ def main():
               f"{ind[0] / sp[0]:.2f}x faster than inductor-freeze; memory {(full_s + full_p) / (sp[1] + sp[2]):.2f}x "
               f"lower than eager-full, {(peers[best_mem][1] + peers[best_mem][2]) / (sp[1] + sp[2]):.2f}x lower than "
               f"the best peer ({best_mem}); step {peers[fastest][0] / sp[0]:.2f}x vs the fastest peer ({fastest}); "
-              f"liveness model {steps['sparsecc'].report.stats['peak_bytes_estimate'] / 1e6:.2f} MB for the step peak")
+              f"step peak modelled {steps['sparsecc'].report.stats['peak_bytes_estimate'] / 1e6:.2f} MB "
+              f"({steps['sparsecc'].report.timeline.model}), measured {sp[2] / 1e6:.2f} MB")
     if args.only is None:
         sparse_section(args.rounds, args.quick)
 

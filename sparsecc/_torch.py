@@ -102,3 +102,48 @@ def fsdp_groups(module) -> list:
     return [[(fp.sharded_param, tuple(fp._orig_size), fp.fsdp_placement.dim) for fp in group.fsdp_params]
             for group in module._get_fsdp_state()._fsdp_param_groups]
 
+
+
+def compile_fx_with_code(gm, example_inputs):
+    """(compiled fn, the Python wrapper Inductor generated for gm or None). The wrapper is the one the compiled
+    step runs, read from what compile_fx_inner returns (CompiledFxGraph.source_code; also on FX-graph-cache
+    hits); relies on compile_fx's inner_compile= hook."""
+    from torch._inductor.compile_fx import compile_fx_inner
+    codes = []
+
+    def inner(*args, **kwargs):
+        out = compile_fx_inner(*args, **kwargs)
+        codes.append(getattr(out, "source_code", None))
+        return out
+
+    fn = compile_fx(gm, example_inputs, inner_compile=inner)
+    return fn, (codes[-1] if len(codes) == 1 else None)
+
+
+class _Generated(Exception):
+    pass
+
+
+def inductor_wrapper_code(gm, example_inputs) -> str | None:
+    """The Python wrapper Inductor generates for gm, without compiling its kernels: lowering, scheduling and
+    code generation run (the FX graph cache is bypassed so that they do) and compile_fx is stopped where the
+    wrapper is handed to GraphLowering.save_output_code, before its C++/Triton kernels are built. None where
+    Inductor did not get that far (the caller then falls back to its own model)."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    def stop(code):
+        raise _Generated(code)
+
+    with mock.patch.object(GraphLowering, "save_output_code", staticmethod(stop)), \
+            inductor_config.patch(fx_graph_cache=False):
+        try:
+            compile_fx(gm, example_inputs)
+        except Exception as e:                  # Inductor may wrap what save_output_code raised
+            while e is not None and not isinstance(e, _Generated):
+                e = e.__cause__ or e.__context__
+            if e is None:
+                raise
+            return e.args[0]
+    return None

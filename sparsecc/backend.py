@@ -10,13 +10,13 @@ import torch
 import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 
-from . import analysis, cost_model, memory_budget, progress
-from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame,
+from . import analysis, cost_model, inductor_memory, memory_budget, progress
+from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame, inductor_wrapper_code,
                      ddp_ignored, functorch_config, select_decomp_table)
 from .config import Channels, Config, rule_name
 from .errors import ConfigError
 from .distributed import fsdp_sharded
-from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module
+from .graph import clone_graph_module, dynamo_copy, dynamo_parameters, dynamo_root_module, output_values
 from .passes import Plan
 from .passes.sparsify import Rewrite, sparsify
 from .memory import liveness
@@ -53,6 +53,7 @@ class SparseccPartitioner(CustomPartitionerFn):
         self.n_inputs = n_inputs
         self.rewrite = rewrite        # what sparsify did to Dynamo's graph before AOTAutograd traced it
         self.budget, self.fused = config.budget_bytes, config.executor == "inductor"
+        self._plans: dict[str, int | None] = {}    # budget points whose graphs are the same code: one Inductor plan
 
     def uuid(self):
         key = repr(sorted((i, n, shape, rule_name(r)) for i, (n, shape, r) in self.params.items()))
@@ -101,8 +102,24 @@ class SparseccPartitioner(CustomPartitionerFn):
         peak is the forward's, or the tensors it saves plus the backward's, whichever is larger."""
         fw, bw = min_cut_rematerialization_partition(clone_graph_module(joint), joint_inputs, **kwargs)
         saved = analysis.saved_bytes(fw, kwargs["num_fwd_outputs"])
-        peak = max(liveness(fw, fused=self.fused).peak, saved + liveness(bw, fused=self.fused).peak)
+        if self.fused:       # Inductor's buffer plans; the backward frees each saved activation after its last use
+            kept = [n.op != "placeholder" for n in output_values(fw)[kwargs["num_fwd_outputs"]:]]
+            owned = [i for i in range(sum(n.op == "placeholder" for n in bw.graph.nodes)) if i >= len(kept) or kept[i]]
+            peaks = tuple(self._plans.get(g.code) or self._plans.setdefault(g.code, _planned_peak(g, o))
+                          for g, o in ((fw, ()), (bw, owned)))
+        if not self.fused or None in peaks:
+            peaks = liveness(fw, fused=self.fused).peak, saved + liveness(bw, fused=self.fused).peak
+        peak = max(peaks)
         return (fw, bw), memory_budget.point(fraction, peak, fw, bw)
+
+
+def _planned_peak(gm: fx.GraphModule, owned=()) -> int | None:
+    """gm's peak in the buffer plan of the wrapper Inductor generates for it on gm's own (fake) inputs, its kernels
+    not compiled; None where that wrapper cannot be followed."""
+    example = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    code = inductor_wrapper_code(gm, example)
+    planned = code and inductor_memory.timeline(code, example, owned)
+    return planned.peak if planned else None
 
 
 def _refuse_unreachable_fsdp(found: dict) -> None:

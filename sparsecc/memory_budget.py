@@ -7,8 +7,10 @@ min-cut keeps, 0 recomputes everything it may) ranks what to recompute by estima
 fit() evaluates a few fractions (a grid, then bisection at the boundary) and keeps the one with the fewest
 FLOPs, then ops, whose modelled peak fits; a budget below the lowest peak found (the floor) is a ConfigError
 that states the floor. The one-graph step evaluates a fraction by running its passes on a copy (the
-rematerialize pass partitions; the peak is memory.liveness of the final step), the backend by partitioning
-its joint graph (the peak is the larger of the forward's and the saved tensors plus the backward's).
+rematerialize pass partitions), the backend by partitioning its joint graph (the peak is the larger of the
+forward's and the backward's with the saved tensors it frees); each peak is the executor's model: Inductor's
+buffer plan for the graph (inductor_memory.py; fractions giving the same graph are lowered once), the
+liveness model (memory.py) for the eager executor.
 """
 from __future__ import annotations
 

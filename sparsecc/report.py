@@ -30,7 +30,7 @@ class Report:
     stats: dict[str, int] = field(default_factory=dict)
     passes: list[PassResult] = field(default_factory=list)
     params: list[tuple[str, str, tuple]] = field(default_factory=list)   # (name, rule, shape)
-    timeline: Timeline | None = None    # a training step's liveness model: bytes live at each node
+    timeline: Timeline | None = None    # a training step's memory model: bytes live at each node (or buffer)
 
     @classmethod
     def merge(cls, reports: list["Report"]) -> "Report":
@@ -62,7 +62,8 @@ class Report:
             lines.append("(before: plain autograd training every parameter, weights dense; after: what sparsecc compiled)")
         if "peak_bytes_estimate" in s:
             measured = s.get("peak_bytes_measured")
-            lines.append(f"peak training memory (bytes above weights): model {s['peak_bytes_estimate']:,}"
+            model = self.timeline.model if self.timeline is not None else "model"
+            lines.append(f"peak training memory (bytes above weights): {model} {s['peak_bytes_estimate']:,}"
                          + (f", measured {measured:,} ({s['peak_bytes_estimate'] / measured:.2f}x)" if measured else ""))
         lines.append(f"gradients removed: {s.get('grads_pruned', 0)}, gradients cut to some channels: "
                      f"{s.get('grads_sliced', 0)}, graph nodes removed: {s.get('nodes_removed', 0)}")
@@ -142,7 +143,7 @@ class Report:
                  "<h2>Parameters</h2><table><tr><th>name</th><th>rule</th><th>shape</th>"
                  "<th>what sparsecc did</th></tr>"]
         if self.timeline is not None:
-            parts.insert(-1, "<h2>Memory timeline (liveness model)</h2>"
+            parts.insert(-1, f"<h2>Memory timeline ({html.escape(self.timeline.model)})</h2>"
                          + _svg_timeline(self.timeline, self.stats.get("peak_bytes_measured")))
         done = self._notes_by_parameter()
         parts += [f"<tr><td>{html.escape(n)}</td><td>{html.escape(r)}</td><td class='num'>{s}</td><td>"

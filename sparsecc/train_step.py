@@ -16,8 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.parallel import DistributedDataParallel
 
-from . import analysis, cost_model, memory, memory_budget, progress
-from ._torch import (FakeTensorMode, aot_export_module, compile_fx, core_aten_decompositions, inductor_config,
+from . import analysis, cost_model, inductor_memory, memory, memory_budget, progress
+from ._torch import (FakeTensorMode, aot_export_module, compile_fx_with_code, core_aten_decompositions, inductor_config,
+                     inductor_wrapper_code,
                      select_decomp_table, unwrapped, wrappers)
 from .calling import MASK_PREFIX, Structure, call_model, first_alias, flatten, leaf_names, model_loss
 from .capture import capture
@@ -108,6 +109,12 @@ class _Compiled:
     updates: list[tuple[str, tuple]]  # (parameter name, trained shape) per update, in state-input order
     report: Report
     io: StepInputs
+
+
+def _inductor_settings():
+    """How the step is compiled by Inductor. Its channels-last layout optimisation copies every conv activation of a
+    whole-step graph: measured on the conv net of bench_train_step, off is 1.5x less memory and 1.2x faster."""
+    return inductor_config.patch(layout_optimization=False)
 
 
 class TrainStep:
@@ -235,7 +242,7 @@ class TrainStep:
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
             joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE},
                                        sparse_kernels=sparse_kernels)
-        joint, _, _ = self._run_passes(joint, plan)
+        joint, _, _ = self._run_passes(joint, plan, lambda gm: memory.liveness(gm).peak)   # run op by op
         return joint, leaves
 
     def _compile(self, leaves, structure: Structure) -> _Compiled:
@@ -243,46 +250,65 @@ class TrainStep:
         joint, plan = self._export(leaves, structure, seconds=seconds)
         before = analysis.split_flops(joint, plan.num_fwd_outputs)
         capture_passes = joint.meta["sparsecc_capture_passes"]
-        joint, results, graphs = self._run_passes(joint, plan)
+        peaks: dict[str, int] = {}       # budget points whose graphs are the same code share one Inductor plan
+        joint, results, graphs = self._run_passes(
+            joint, plan, lambda gm: peaks.get(gm.code) or peaks.setdefault(gm.code, self._modelled_peak(gm, leaves)))
         results[:0] = capture_passes
         updates = joint.meta["sparsecc_updates"]
-        timeline = memory.liveness(joint, fused=self.config.executor == "inductor")
         after = analysis.split_flops(joint, plan.num_fwd_outputs)
-        report = assemble_report(plan, results, {**graphs, "train_step/final": readable(joint)}, {
-            "backward_flops_before": before[1], "backward_flops_after": after[1],
-            "forward_flops": after[0], "peak_bytes_estimate": timeline.peak}, timeline)
         seconds["passes"] = sum(r.seconds for r in results)
-        for name, shape in updates:
-            self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
-                                                        device=self.params[name].device)
-                                         for s in self.optimizer.state_names})
-        example = self._inputs(joint.meta["sparsecc_io"], leaves, updates)
+        example = self._example(joint, leaves)
         start = time.perf_counter()
+        timeline = None
         if self.config.executor == "inductor":
-            # Inductor's channels-last layout optimisation copies every conv activation of a whole-step
-            # graph: measured on the conv net of bench_train_step, off is 1.5x less memory and 1.2x faster.
-            with torch.no_grad(), inductor_config.patch(layout_optimization=False):
-                fn = compile_fx(joint, example)
+            with torch.no_grad(), _inductor_settings():
+                fn, code = compile_fx_with_code(joint, example)
+            timeline = code and inductor_memory.timeline(code, example)
         else:
             fn = joint.forward
         seconds["codegen"] = time.perf_counter() - start
+        timeline = timeline or memory.liveness(joint, fused=self.config.executor == "inductor")
+        report = assemble_report(plan, results, {**graphs, "train_step/final": readable(joint)}, {
+            "backward_flops_before": before[1], "backward_flops_after": after[1],
+            "forward_flops": after[0], "peak_bytes_estimate": timeline.peak}, timeline)
         report.stats.update({f"seconds_{k}": round(v, 3) for k, v in seconds.items()})
         return _Compiled(fn, joint, updates, report, joint.meta["sparsecc_io"])
 
-    def _run_passes(self, joint: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, list, dict]:
+    def _example(self, gm: fx.GraphModule, leaves) -> list[torch.Tensor]:
+        """The inputs gm is called with (optimizer state created for its updates where there is none yet)."""
+        for name, shape in gm.meta["sparsecc_updates"]:
+            self.state.setdefault(name, {s: torch.zeros(shape, dtype=self.params[name].dtype,
+                                                        device=self.params[name].device)
+                                         for s in self.optimizer.state_names})
+        return self._inputs(gm.meta["sparsecc_io"], leaves, gm.meta["sparsecc_updates"])
+
+    def _modelled_peak(self, gm: fx.GraphModule, leaves) -> int:
+        """The step's peak: for Inductor, from the buffer plan of the wrapper it generates for gm, called on the
+        step's own inputs (which of them are one tensor changes the plan) without compiling its kernels; where
+        that wrapper cannot be followed, and for the eager executor, memory.liveness."""
+        inductor = self.config.executor == "inductor"
+        if inductor:
+            example = self._example(gm, leaves)
+            with torch.no_grad(), _inductor_settings():
+                code = inductor_wrapper_code(gm, example)
+            planned = code and inductor_memory.timeline(code, example)
+            if planned:
+                return planned.peak
+        return memory.liveness(gm, fused=inductor).peak
+
+    def _run_passes(self, joint: fx.GraphModule, plan: Plan, peak) -> tuple[fx.GraphModule, list, dict]:
         """The training passes on joint; under a memory budget, on copies of it at the least recomputation
-        whose modelled peak fits (memory_budget.py), recorded as a "memory_budget" entry of the report."""
+        whose peak(graph) fits (memory_budget.py), recorded as a "memory_budget" entry of the report."""
         budget = self.config.budget_bytes
         if budget is None:
             results, graphs = run_passes(joint, plan, self._passes)
             return joint, results, graphs
-        fused = self.config.executor == "inductor"
 
         def evaluate(fraction):
             gm = clone_graph_module(joint)
             gm.meta.update(joint.meta)
             results, graphs = run_passes(gm, plan, self._passes)
-            return (gm, results, graphs), memory_budget.point(fraction, memory.liveness(gm, fused=fused).peak, gm)
+            return (gm, results, graphs), memory_budget.point(fraction, peak(gm), gm)
         start = time.perf_counter()
         with progress.waiting(f"fitting the step into memory_budget={human(budget)}"):
             (gm, results, graphs), entry = memory_budget.fit(evaluate, budget, "this step")
@@ -374,8 +400,9 @@ def compile_train_step(model, loss_fn, *, optimizer, update=None, example_inputs
     reads the weight masked (weight * mask).
 
     memory_budget (bytes, or a string such as "40MB"): the most the step may allocate above the resident
-    parameters, optimizer state and batch, as the executor's liveness model counts it (report stats
-    peak_bytes_estimate; for Inductor the model leaves out what its kernels fuse away or write in place).
+    parameters, optimizer state and batch (report stats peak_bytes_estimate): for Inductor, as the buffer plan
+    of the wrapper Inductor generates for the step (each point tried is lowered by Inductor, its kernels not
+    compiled: sparsecc/inductor_memory.py), for the eager executor as memory.liveness counts it.
     The backward then recomputes just enough of the forward, instead of keeping it, to fit; the report's
     "memory_budget" entry lists the trade-off points tried. A budget below the lowest reachable peak is a
     ConfigError that states that floor.

@@ -156,7 +156,8 @@ def test_fused_equals_unfused_on_transformers_models(name):
 
 def test_the_op_holds_one_chunk_of_logits_at_a_time():
     """Measured (profiler) peak of the op's own kernel: its outputs plus the workspace the memory model charges
-    (one [chunk, vocab] buffer, the hidden-state gradient's pieces), not a second chunk's logits beside it."""
+    (one [chunk, vocab] buffer, beside which the hidden-state gradient's pieces grow), not a second chunk's logits
+    beside it (that would be 256 KB more)."""
     from sparsecc.memory import measure_peak
     from sparsecc.ops.linear_cross_entropy import workspace_bytes
     g = torch.Generator().manual_seed(0)
@@ -166,5 +167,5 @@ def test_the_op_holds_one_chunk_of_logits_at_a_time():
                                                            True)
     outputs = h.numel() * 4 + w.numel() * 4
     chunk = 16 * 4096 * 4
-    assert workspace_bytes(h, w, None, 16, True) == chunk + h.numel() * 4
-    assert measure_peak(call) <= outputs + workspace_bytes(h, w, None, 16, True) + chunk // 4
+    assert workspace_bytes(h, w, None, 16, True) == chunk        # the chunk outweighs the pieces (4 KB) here
+    assert abs(measure_peak(call) - (outputs + chunk)) <= 4096

@@ -17,18 +17,24 @@ def transformer_batch():
     return model, x.repeat(8, 1), y.repeat(8, 1), loss_fn
 
 
-def step(model, x, y, loss_fn, **kw):
+# attention's key bias shifts every logit of a query equally: its true gradient is 0, and Adam would compare
+# rounding noise, which differs between Inductor's kernels for two graphs
+FULL = sparsecc.UpdateScheme({"blocks.*.k.bias": "frozen", "*": "full"})
+
+
+def step(model, x, y, loss_fn, executor="eager", **kw):
     return sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.AdamW(lr=1e-2), example_inputs=(x, y),
-                                       executor="eager", **kw)
+                                       executor=executor, **kw)
 
 
 @pytest.mark.slow
-def test_a_budget_below_the_default_peak_is_met_by_recomputation_with_the_same_numbers():
+@pytest.mark.parametrize("executor", ["eager", "inductor"])
+def test_a_budget_below_the_default_peak_is_met_by_recomputation_with_the_same_numbers(executor):
     model, x, y, loss_fn = transformer_batch()
-    free = step(copy.deepcopy(model), x, y, loss_fn)
+    free = step(copy.deepcopy(model), x, y, loss_fn, executor, update=FULL)
     default = free.report.stats["peak_bytes_estimate"]
     budget = int(default * 0.85)
-    fitted = step(model, x, y, loss_fn, memory_budget=budget)
+    fitted = step(model, x, y, loss_fn, executor, update=FULL, memory_budget=budget)
     modelled = fitted.report.stats["peak_bytes_estimate"]
     assert modelled <= budget < default
     choice = next(p for p in fitted.report.passes if p.name == "memory_budget")
@@ -36,7 +42,8 @@ def test_a_budget_below_the_default_peak_is_met_by_recomputation_with_the_same_n
     assert choice.counts["extra_ops"] > 0                 # the backward recomputes forward ops it kept before
     assert sum(note.startswith("chosen ") for note in choice.notes) == 1
     assert any(note.startswith("fraction 1.000") for note in choice.notes)     # the point without a budget
-    # the eager executor allocates what the liveness model counts (it is within 0.1 % there); one step each
+    # each executor allocates what its model counts (eager: the liveness model, within 0.1 %; Inductor: the
+    # buffer plan of the wrapper it generates); one step each
     assert fitted.measure_memory(x, y) <= budget * 1.01 < free.measure_memory(x, y)
     torch.testing.assert_close(torch.stack([fitted(x, y) for _ in range(2)]),
                                torch.stack([free(x, y) for _ in range(2)]), rtol=1e-6, atol=1e-7)

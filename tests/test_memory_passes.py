@@ -72,6 +72,47 @@ def big_temporary_then_small_residents(x, y):
     return r + s1 + s2 + s3 + s4
 
 
+WRAPPER = """
+def call(self, args):
+    arg0_1, arg1_1 = args
+    args.clear()
+    assert_size_stride(arg0_1, (8, 16), (16, 1), 'input')
+    buf0 = empty_strided_cpu((8, 16), (16, 1), torch.float32)
+    cpp_fused_exp_0(arg0_1, buf0)
+    del arg0_1
+    buf1 = empty_strided_cpu((8, 8), (8, 1), torch.float32)
+    extern_kernels.mm(buf0, reinterpret_tensor(arg1_1, (16, 8), (1, 16), 0), out=buf1)
+    buf2 = buf0; del buf0  # reuse
+    buf3 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(reinterpret_tensor(buf1, (1, 1, 8, 8), (64, 64, 8, 1), 0), reinterpret_tensor(buf1, (1, 1, 8, 8), (64, 64, 8, 1), 0), reinterpret_tensor(buf1, (1, 1, 8, 8), (64, 64, 8, 1), 0))
+    buf4 = buf3[0]
+    del buf3
+    buf5 = reinterpret_tensor(buf4, (8, 8), (8, 1), 0); del buf4  # reuse
+    del buf1
+    buf6 = empty_strided_cpu((8, ), (1, ), torch.int64)
+    cpp_fused_sum_1(buf5, buf2, buf6)
+    del buf2
+    return (buf5, buf6, )
+"""
+
+
+def test_inductor_buffer_plan_counted_by_hand():
+    """Inductor's wrapper walked statement by statement: buf0 512 B; buf1 256 B; buf2 takes over buf0; the
+    attention call allocates its output (256 B) and logsumexp (8 floats, 32 B), which dies with the tuple;
+    buf5 keeps the output's storage after buf4 is deleted; buf6 8 int64 (64 B); graph inputs are not counted."""
+    from sparsecc.inductor_memory import timeline
+    plan = timeline(WRAPPER, [torch.randn(8, 16), torch.randn(8, 16)])
+    assert plan.names == ["buf0", "del arg0_1", "buf1", "buf2", "del buf0", "buf3", "buf4", "del buf3", "buf5",
+                          "del buf4", "del buf1", "buf6", "del buf2"]
+    assert plan.live_bytes == [512, 512, 768, 768, 768, 1056, 1056, 1024, 1024, 1024, 768, 832, 320]
+    # an input the wrapper owns (a backward's saved activation) counts from the start until its `del`
+    owned = timeline(WRAPPER, [torch.randn(8, 16), torch.randn(8, 16)], owned=[0])
+    assert owned.live_bytes[:3] == [1024, 512, 768] and owned.peak == 1056
+    assert plan.peak == 1056 and plan.model == "Inductor's buffer plan"
+    # a statement it cannot follow (an op whose results are not named) gives no plan rather than a wrong one
+    assert timeline(WRAPPER.replace("    buf6 = empty", "    torch.ops.aten.foo.default(buf5)\n    buf6 = empty"),
+                    [torch.randn(8, 16), torch.randn(8, 16)]) is None
+
+
 def test_reorder_keeps_the_order_when_the_schedule_would_raise_the_peak():
     gm = make_fx(big_temporary_then_small_residents)(torch.randn(1000), torch.randn(100))
     original = names(gm)

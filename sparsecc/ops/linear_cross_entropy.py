@@ -80,9 +80,10 @@ def chunked(h, weight, bias, target, reduction: str, ignore_index: int, smoothin
 
 def workspace_bytes(h, weight, cast, chunk: int, input_grad: bool) -> int:
     """The memory the op's own kernel holds besides its outputs, at most: one chunk's [rows, vocab] logits
-    buffer, and the hidden-state gradient's pieces before they are concatenated into the output."""
+    buffer while the hidden-state gradient's pieces (less than that output, not yet allocated) accumulate, then
+    those pieces while they are concatenated into the output."""
     logits = chunk * weight.shape[0] * (cast or h.dtype).itemsize
-    return logits + (h.numel() * h.element_size() if input_grad else 0)
+    return max(logits, h.numel() * h.element_size() if input_grad else 0)
 
 
 @torch.library.custom_op("sparsecc::linear_cross_entropy", mutates_args=())
