@@ -128,7 +128,8 @@ def inductor_wrapper_code(gm, example_inputs) -> str | None:
     """The Python wrapper Inductor generates for gm, without compiling its kernels: lowering, scheduling and
     code generation run (the FX graph cache is bypassed so that they do) and compile_fx is stopped where the
     wrapper is handed to GraphLowering.save_output_code, before its C++/Triton kernels are built. None where
-    Inductor did not get that far (the caller then falls back to its own model)."""
+    Inductor did not get that far (the caller then falls back to its own model). AOTAutograd's cache is bypassed
+    too: a hit there would return a compiled graph without lowering it."""
     from unittest import mock
 
     from torch._inductor.graph import GraphLowering
@@ -137,7 +138,7 @@ def inductor_wrapper_code(gm, example_inputs) -> str | None:
         raise _Generated(code)
 
     with mock.patch.object(GraphLowering, "save_output_code", staticmethod(stop)), \
-            inductor_config.patch(fx_graph_cache=False):
+            inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         try:
             compile_fx(gm, example_inputs)
         except Exception as e:                  # Inductor may wrap what save_output_code raised

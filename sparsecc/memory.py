@@ -58,12 +58,28 @@ def writes_input(node: fx.Node) -> bool:
 
 
 def storage_roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    """Each node -> the node that allocated the storage it lives in."""
+    """Each node -> the node that allocated the storage it lives in. Each result of an op that returns several
+    new tensors is a storage of its own, rooted at the (first) getitem taking it: it is freed when that result
+    dies, not when the last of its siblings does."""
     root: dict[fx.Node, fx.Node] = {}
+    results: dict[tuple, fx.Node] = {}
     for node in gm.graph.nodes:
         base = node.args[0] if node.op == "call_function" and aliases_input(node) and node.args else None
-        root[node] = root.get(base, base) if isinstance(base, fx.Node) else node
+        if node.target is operator.getitem and _fresh_results(base, root):
+            root[node] = results.setdefault((base, node.args[1]), node)
+        else:
+            root[node] = root.get(base, base) if isinstance(base, fx.Node) else node
     return root
+
+
+def _fresh_results(node, root) -> bool:
+    """Whether node is an op that returns several tensors in storages of their own."""
+    return isinstance(node, fx.Node) and root.get(node) is node and isinstance(node.meta.get("val"), (tuple, list))
+
+
+def _taken_results(node: fx.Node, roots) -> list[fx.Node]:
+    """The getitems that own results of node (an op with several), one per result."""
+    return [u for u in node.users if u.target is operator.getitem and roots[u] is u]
 
 
 def _pointwise(node: fx.Node) -> bool:
@@ -114,13 +130,19 @@ def liveness(gm: fx.GraphModule, order: list[fx.Node] | None = None, *, fused: b
     for i, node in enumerate(order):
         if roots[node] is node and node not in away:
             size = nbytes(node.meta.get("val"))
+            if node.target is operator.getitem:     # a result its op allocated: it is freed when it dies
+                frees[last_use[node]] = frees.get(last_use[node], 0) + size
+                timeline.append(live)
+                live -= frees.pop(i, 0)
+                continue
             donor = _donor(node, size, i, _reads(node, away, memo), roots, last_use, taken) if fused else None
             if donor is None:
                 live += size
             else:                       # the kernel writes into an input that dies here: no new memory
                 taken.add(donor)
                 frees[i] -= size
-            frees[last_use[node]] = frees.get(last_use[node], 0) + size
+            kept = sum(nbytes(u.meta.get("val")) for u in _taken_results(node, roots))
+            frees[last_use[node]] = frees.get(last_use[node], 0) + size - kept
         timeline.append(live + _workspace(node))
         live -= frees.pop(i, 0)
     return Timeline([n.name for n in order], timeline)

@@ -44,6 +44,18 @@ def test_liveness_bytes_counted_by_hand():
     assert timeline.peak == 8004
 
 
+def test_each_result_of_a_multi_result_op_dies_on_its_own():
+    """sort's values (1000 float32, 4000 B) and indices (1000 int64, 8000 B) are two storages: the indices go
+    after their sum, so the product allocates beside the values only (not beside both: 16,008 B)."""
+    def f(x):
+        values, indices = torch.sort(x)
+        total = indices.sum()
+        return values * 2, total
+    t = liveness(make_fx(f)(torch.randn(1000)))
+    assert t.names == ["sort", "getitem", "getitem_1", "sum_1", "mul"]
+    assert t.live_bytes == [12000, 12000, 12000, 12008, 8008]
+
+
 def test_fused_liveness_counted_by_hand():
     """As Inductor runs it: a pointwise value read only by pointwise ops is never stored, and a pointwise
     kernel writes into a same-sized input that dies there. x: [4, 8], w: [8, 16] float32 (inputs: resident)."""
