@@ -11,8 +11,8 @@ import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 
 from . import analysis, cost_model, inductor_memory, memory_budget, progress
-from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame, inductor_wrapper_code,
-                     ddp_ignored, functorch_config, select_decomp_table)
+from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame,
+                     ddp_ignored, functorch_config, inductor_wrapper_code, select_decomp_table)
 from .config import Channels, Config, rule_name
 from .errors import ConfigError
 from .distributed import fsdp_sharded

@@ -5,8 +5,8 @@ allocates, `bufM = bufN; del bufN  # reuse` and `reinterpret_tensor(bufN, ...)` 
 it, and an op Inductor does not generate code for (matmuls with `out=` write into a buffer; attention, convolution
 or sparsecc's ops without `out=`) allocates its results when it is called. Walking those statements with the
 buffers' storage sizes gives the bytes live after each of them: the step's peak as Inductor planned it, buffer
-reuse and fusion included. The sizes come from evaluating each assignment on fake tensors (the allocations'
-shapes, strides and dtypes; an op's results from its fake implementation), so nothing runs and nothing is
+reuse and fusion included. The sizes come from evaluating each assignment on meta tensors (the allocations'
+shapes, strides and dtypes; an op's results from its meta/fake implementation), so nothing runs and nothing is
 allocated. Graph inputs are resident and not counted, as in memory.liveness; memory an op holds only while it
 runs is memory.kernel_workspace's (sparsecc::linear_cross_entropy's chunks, oneDNN's copies in a CPU convolution).
 
@@ -167,7 +167,7 @@ def _assign(buffers: _Buffers, name: str, expr: str, value, env: dict) -> None:
     elif item:                          # one result of a multi-result op: it keeps that result's storage
         parent, index = item.group(1), int(item.group(2))
         buffers.hold(name, [sid for i, sid in buffers.results.get(parent, ()) if i == index])
-    elif alias and not expr.startswith(_OPS):
+    elif alias and alias.group(1) in env and not expr.startswith(_OPS):   # another name for a buffer (or input)
         buffers.hold(name, list(buffers.owner.get(alias.group(1), [])))
     else:                               # an op Inductor calls as is: results not aliasing an input are new storages
         outs = value if isinstance(value, (tuple, list)) else (value,)
