@@ -6,13 +6,16 @@ import pytest
 import torch
 
 import sparsecc
-from models import make
+from models import Transformer, make
 from test_train_step import data
 
 
-def transformer_batch():
+def transformer_batch(layers: int = 3):
     """The test GPT, trained in full on 8 copies of the test batch (enough activations to trade)."""
     model, _ = make("transformer")
+    if layers != 3:
+        torch.manual_seed(0)
+        model = Transformer(layers=layers)
     x, y, loss_fn = data("transformer")
     return model, x.repeat(8, 1), y.repeat(8, 1), loss_fn
 
@@ -30,10 +33,11 @@ def step(model, x, y, loss_fn, executor="eager", **kw):
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["eager", "inductor"])
 def test_a_budget_below_the_default_peak_is_met_by_recomputation_with_the_same_numbers(executor):
-    model, x, y, loss_fn = transformer_batch()
+    # Inductor lowers the step once per distinct point tried: one block keeps that (and its compile) short
+    model, x, y, loss_fn = transformer_batch(layers=3 if executor == "eager" else 1)
     free = step(copy.deepcopy(model), x, y, loss_fn, executor, update=FULL)
     default = free.report.stats["peak_bytes_estimate"]
-    budget = int(default * 0.85)
+    budget = int(default * (0.85 if executor == "eager" else 0.95))   # one block: recomputation saves 7 % at most
     fitted = step(model, x, y, loss_fn, executor, update=FULL, memory_budget=budget)
     modelled = fitted.report.stats["peak_bytes_estimate"]
     assert modelled <= budget < default
