@@ -199,10 +199,11 @@ def test_no_full_size_gradient_for_channels_parameters():
 
 
 @pytest.mark.slow      # 7-15 s each; test_memory_model_and_measurement checks a measurement in the quick loop
-@pytest.mark.parametrize("executor,fuse_loss", [("eager", True), ("inductor", True), ("inductor", False)])
+@pytest.mark.parametrize("executor,fuse_loss", [("eager", True), ("inductor", False)])
 def test_memory_estimate_matches_the_measurement(executor, fuse_loss):
     """Eager: the liveness model, within 10 % (0.1 % on the benchmark models). Inductor: the buffer plan of the
-    wrapper it generated, to 1 %, with the head + loss fused and with Inductor's own full-logits cross-entropy."""
+    wrapper it generated, to 1 %, here with Inductor's own full-logits cross-entropy (the fused op's workspace is
+    measured in tests/test_fused_loss.py)."""
     model, _ = make("transformer")
     x, y, loss_fn = data("transformer")
     step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.AdamW(lr=1e-3), fuse_loss=fuse_loss,
