@@ -162,10 +162,13 @@ def kernel_workspace(target, args, kwargs, device) -> int:
     if target is torch.ops.sparsecc.linear_cross_entropy.default:
         h, weight, _, _, _, _, _, cast, chunk, input_grad = args[:10]
         return linear_cross_entropy.workspace_bytes(h, weight, cast, chunk, input_grad)
-    if target in _MEASURED and device is not None and device.type == "cpu":
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if target in _MEASURED and device is not None and device.type == "cpu" and \
+            all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride())):    # not symbolic
         spec = tuple((_TENSOR, tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
                      tuple(a) if isinstance(a, list) else a for a in args)
-        return _measured_workspace(target, spec, tuple(sorted(kwargs.items())))
+        return _measured_workspace(target, spec, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                              for k, v in kwargs.items())))
     return 0
 
 
