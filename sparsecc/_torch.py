@@ -5,6 +5,8 @@ release none of this has been tried with. When a release moves one of these, it 
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 from torch._decomp import core_aten_decompositions                 # noqa: F401  the core ATen opset's decompositions (artifacts)
 from torch._dynamo.backends.common import aot_autograd             # noqa: F401  AOTAutograd with our fw/bw compilers and partition_fn
@@ -17,6 +19,8 @@ from torch._functorch.aot_autograd import aot_export_module        # noqa: F401 
 from torch._guards import detect_fake_mode                         # noqa: F401  the FakeTensorMode of a traced graph's values
 from torch._inductor import config as inductor_config              # noqa: F401  layout_optimization (patched off for the step)
 from torch._inductor.compile_fx import compile_fx                  # noqa: F401  config_patches={"custom_partitioner_fn": ...}
+from torch._inductor.compile_fx import compile_fx_inner            # what compile_fx_with_code wraps (its inner_compile=)
+from torch._inductor.graph import GraphLowering                    # save_output_code: where the wrapper is handed over
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook the backend runs the passes in
 from torch._inductor.decomposition import select_decomp_table      # noqa: F401  Inductor's decompositions, for the eager executor too
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode   # noqa: F401  DDPOptimizer's inputs; one fake mode for a rewritten graph
@@ -103,12 +107,10 @@ def fsdp_groups(module) -> list:
             for group in module._get_fsdp_state()._fsdp_param_groups]
 
 
-
 def compile_fx_with_code(gm, example_inputs):
     """(compiled fn, the Python wrapper Inductor generated for gm or None). The wrapper is the one the compiled
     step runs, read from what compile_fx_inner returns (CompiledFxGraph.source_code; also on FX-graph-cache
     hits); relies on compile_fx's inner_compile= hook."""
-    from torch._inductor.compile_fx import compile_fx_inner
     codes = []
 
     def inner(*args, **kwargs):
@@ -130,10 +132,6 @@ def inductor_wrapper_code(gm, example_inputs) -> str | None:
     wrapper is handed to GraphLowering.save_output_code, before its C++/Triton kernels are built. None where
     Inductor did not get that far (the caller then falls back to its own model). AOTAutograd's cache is bypassed
     too: a hit there would return a compiled graph without lowering it."""
-    from unittest import mock
-
-    from torch._inductor.graph import GraphLowering
-
     def stop(code):
         raise _Generated(code)
 

@@ -12,7 +12,7 @@ from functorch.compile import make_boxed_func, min_cut_rematerialization_partiti
 
 from . import analysis, cost_model, inductor_memory, memory_budget, progress
 from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame,
-                     ddp_ignored, functorch_config, inductor_wrapper_code, select_decomp_table)
+                     ddp_ignored, functorch_config, select_decomp_table)
 from .config import Channels, Config, rule_name
 from .errors import ConfigError
 from .distributed import fsdp_sharded
@@ -101,13 +101,13 @@ class SparseccPartitioner(CustomPartitionerFn):
         """Forward and backward at one activation_memory_budget fraction, and its point of the trade-off: the
         peak is the forward's, or the tensors it saves plus the backward's, whichever is larger."""
         fw, bw = min_cut_rematerialization_partition(clone_graph_module(joint), joint_inputs, **kwargs)
-        saved = analysis.saved_bytes(fw, kwargs["num_fwd_outputs"])
         if self.fused:       # Inductor's buffer plans; the backward frees each saved activation after its last use
             kept = [n.op != "placeholder" for n in output_values(fw)[kwargs["num_fwd_outputs"]:]]
             owned = [i for i in range(sum(n.op == "placeholder" for n in bw.graph.nodes)) if i >= len(kept) or kept[i]]
             peaks = tuple(self._plans.get(g.code) or self._plans.setdefault(g.code, _planned_peak(g, o))
                           for g, o in ((fw, ()), (bw, owned)))
         if not self.fused or None in peaks:
+            saved = analysis.saved_bytes(fw, kwargs["num_fwd_outputs"])
             peaks = liveness(fw, fused=self.fused).peak, saved + liveness(bw, fused=self.fused).peak
         peak = max(peaks)
         return (fw, bw), memory_budget.point(fraction, peak, fw, bw)
@@ -116,9 +116,7 @@ class SparseccPartitioner(CustomPartitionerFn):
 def _planned_peak(gm: fx.GraphModule, owned=()) -> int | None:
     """gm's peak in the buffer plan of the wrapper Inductor generates for it on gm's own (fake) inputs, its kernels
     not compiled; None where that wrapper cannot be followed."""
-    example = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    code = inductor_wrapper_code(gm, example)
-    planned = code and inductor_memory.timeline(code, example, owned)
+    planned = inductor_memory.plan(gm, [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"], owned)
     return planned.peak if planned else None
 
 

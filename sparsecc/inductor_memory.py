@@ -10,7 +10,8 @@ shapes, strides and dtypes; an op's results from its meta/fake implementation), 
 allocated. Graph inputs are resident and not counted, as in memory.liveness; memory an op holds only while it
 runs is memory.kernel_workspace's (sparsecc::linear_cross_entropy's chunks, oneDNN's copies in a CPU convolution).
 
-timeline() returns None for a wrapper it cannot follow (a statement it cannot evaluate, partitions): the caller
+plan() generates the wrapper for a graph that is not compiled yet (a memory_budget point). timeline() returns
+None for a wrapper it cannot follow (a statement it cannot evaluate, partitions): the caller
 keeps its own model then.
 """
 from __future__ import annotations
@@ -19,8 +20,10 @@ import math
 import re
 
 import torch
+import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ._torch import inductor_wrapper_code
 from .memory import Timeline, kernel_workspace
 
 _ASSIGN = re.compile(r"^(\w+) = (.+)$")
@@ -101,14 +104,13 @@ _OPS = ("torch.ops.", "aten.", "extern_kernels.")
 _SETUP = ("get_raw_stream", "torch.cuda", "torch.xpu")      # statements that allocate nothing
 
 
-def _workspace(expr: str, env: dict, device: torch.device) -> int:
-    """What the op called in expr holds only while it runs (memory.kernel_workspace), 0 for a buffer expression."""
+def _op_call(expr: str, env: dict):
+    """(op, args, kwargs) of an op Inductor calls as it is (an expression starting with one of _OPS), else None."""
     if not expr.startswith(_OPS) or "(" not in expr:
-        return 0
-    callee = eval(expr[:expr.index("(")], NAMESPACE, env)   # noqa: S307
-    target = torch.ops.aten.convolution.default if callee is torch.convolution else callee
+        return None
+    op = eval(expr[:expr.index("(")], NAMESPACE, env)   # noqa: S307 (Inductor's own code)
     args, kwargs = eval("(lambda *a, **k: (a, k))" + expr[expr.index("("):], NAMESPACE, env)   # noqa: S307
-    return kernel_workspace(target, args, kwargs, device)
+    return op, args, kwargs
 
 
 def timeline(code: str, example_inputs, owned=()) -> Timeline | None:
@@ -140,11 +142,16 @@ def timeline(code: str, example_inputs, owned=()) -> Timeline | None:
                 elif _ASSIGN.match(stmt) and stmt.startswith("buf"):
                     name, expr = _ASSIGN.match(stmt).groups()
                     try:
-                        env[name] = value = eval(expr, NAMESPACE, env)   # noqa: S307 (Inductor's code, meta tensors)
+                        call = _op_call(expr, env)
+                        value = call[0](*call[1], **call[2]) if call else eval(expr, NAMESPACE, env)   # noqa: S307
                     except Exception:
                         return None
-                    workspace = _workspace(expr, env, device)
-                    _assign(buffers, name, expr, value, env)
+                    workspace = 0
+                    if call:
+                        op = torch.ops.aten.convolution.default if call[0] is torch.convolution else call[0]
+                        workspace = kernel_workspace(op, call[1], call[2], device)
+                    _assign(buffers, name, expr, value, env, call)
+                    env[name] = value
                     if workspace:
                         labels.append(f"{name} (while it runs)")
                         points.append(buffers.live + workspace)
@@ -159,21 +166,29 @@ def timeline(code: str, example_inputs, owned=()) -> Timeline | None:
     return None
 
 
-def _assign(buffers: _Buffers, name: str, expr: str, value, env: dict) -> None:
-    """Account `name = expr` (value: what it evaluated to on meta tensors)."""
+def _assign(buffers: _Buffers, name: str, expr: str, value, env: dict, call) -> None:
+    """Account `name = expr` (value: what it evaluated to on meta tensors; call: _op_call(expr))."""
     item, alias = _ITEM.match(expr), _ALIAS.match(expr)
     if _ALLOC.match(expr):
         buffers.allocate(name, value)
     elif item:                          # one result of a multi-result op: it keeps that result's storage
         parent, index = item.group(1), int(item.group(2))
         buffers.hold(name, [sid for i, sid in buffers.results.get(parent, ()) if i == index])
-    elif alias and alias.group(1) in env and not expr.startswith(_OPS):   # another name for a buffer (or input)
+    elif alias and alias.group(1) in env and call is None:   # another name for a buffer (or input)
         buffers.hold(name, list(buffers.owner.get(alias.group(1), [])))
-    else:                               # an op Inductor calls as is: results not aliasing an input are new storages
+    else:                               # an op Inductor calls as is: results not aliasing its inputs are new storages
         outs = value if isinstance(value, (tuple, list)) else (value,)
-        inputs = {StorageWeakRef(t.untyped_storage()) for n, t in env.items() if n != name and isinstance(t, torch.Tensor)}
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in pytree.tree_leaves(call[1:] if call else ())
+                  if isinstance(t, torch.Tensor)}
         buffers.hold(name, [])
         for i, r in enumerate(outs):
             if isinstance(r, torch.Tensor) and StorageWeakRef(r.untyped_storage()) not in inputs:
                 buffers.allocate(name, r)
                 buffers.results.setdefault(name, []).append((i, buffers.count))
+
+
+def plan(gm, example_inputs, owned=()) -> Timeline | None:
+    """Inductor's buffer plan for gm called on example_inputs: the wrapper Inductor generates for it (its kernels
+    not compiled: _torch.inductor_wrapper_code), walked by timeline(); None where it cannot be followed."""
+    code = inductor_wrapper_code(gm, example_inputs)
+    return timeline(code, example_inputs, owned) if code else None

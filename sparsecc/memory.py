@@ -149,6 +149,8 @@ def liveness(gm: fx.GraphModule, order: list[fx.Node] | None = None, *, fused: b
 
 
 def _workspace(node: fx.Node) -> int:
+    if node.target not in _WORKSPACE_OPS:       # the common case, on every liveness walk: nothing to look at
+        return 0
     values = lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a   # noqa: E731
     args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), values)
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
@@ -174,6 +176,7 @@ def kernel_workspace(target, args, kwargs, device) -> int:
 
 _MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 _TENSOR = "tensor"      # marks a tensor's (shape, stride, dtype) in a measured op's cache key
+_WORKSPACE_OPS = (torch.ops.sparsecc.linear_cross_entropy.default, *_MEASURED)
 
 
 @functools.lru_cache(maxsize=1024)

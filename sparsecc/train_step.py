@@ -17,9 +17,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.parallel import DistributedDataParallel
 
 from . import analysis, cost_model, inductor_memory, memory, memory_budget, progress
-from ._torch import (FakeTensorMode, aot_export_module, compile_fx_with_code, core_aten_decompositions, inductor_config,
-                     inductor_wrapper_code,
-                     select_decomp_table, unwrapped, wrappers)
+from ._torch import (FakeTensorMode, aot_export_module, compile_fx_with_code, core_aten_decompositions,
+                     inductor_config, select_decomp_table, unwrapped, wrappers)
 from .calling import MASK_PREFIX, Structure, call_model, first_alias, flatten, leaf_names, model_loss
 from .capture import capture
 from .ops import linear_cross_entropy
@@ -288,10 +287,8 @@ class TrainStep:
         that wrapper cannot be followed, and for the eager executor, memory.liveness."""
         inductor = self.config.executor == "inductor"
         if inductor:
-            example = self._example(gm, leaves)
             with torch.no_grad(), _inductor_settings():
-                code = inductor_wrapper_code(gm, example)
-            planned = code and inductor_memory.timeline(code, example)
+                planned = inductor_memory.plan(gm, self._example(gm, leaves))
             if planned:
                 return planned.peak
         return memory.liveness(gm, fused=inductor).peak
