@@ -1,8 +1,7 @@
 """GPT training steps on a CUDA GPU: sparse weights through sparsecc vs dense, and a sparse update vs Inductor.
 
 Part "weights": a GPT (d=2048, 4 layers, 8 x 1024 tokens, bf16; --quick: tiny) whose MLP weights are Blocks(64, 0.1)
-and qkv weights NM(2, 4, transposable=True); SGD with momentum. Part "weights32": the same in fp32 with TF32 (the
-sparsify pass rewrites float32 calls; it keeps fp16/bf16 ones dense so far, which part "weights" shows). Variants:
+and qkv weights NM(2, 4, transposable=True); SGD with momentum. Variants:
   dense eager masked      the masked weights trained densely by eager PyTorch (gradients masked after backward)
   dense inductor masked   the same through torch.compile (Inductor)
   sparsecc measure        torch.compile(backend="sparsecc", options={"sparsity": spec}): the cost model measures
@@ -18,7 +17,7 @@ seconds (compilation, cost-model measurements) and, for sparsecc, how many linea
 (with the first refusal's reason).
 Without a CUDA GPU it says so and exits 0.
 
-usage: python benchmarks/bench_gpu_train.py [--rounds 10] [--quick] [--only weights|weights32|update]
+usage: python benchmarks/bench_gpu_train.py [--rounds 10] [--quick] [--only weights|update]
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from common import cli
 
-SECTIONS = ("weights", "weights32", "update")
+SECTIONS = ("weights", "update")
 
 
 class Block(nn.Module):
@@ -127,19 +126,17 @@ def run_variant(name: str, make_step, rounds: int, weights_mib: float, base_ms: 
         torch.cuda.empty_cache()
 
 
-def weights_section(quick: bool, rounds: int, dtype: torch.dtype = torch.bfloat16):
+def weights_section(quick: bool, rounds: int):
     import sparsecc
     d, layers, heads, vocab, seq, b = (128, 2, 4, 256, 64, 2) if quick else (2048, 4, 16, 8192, 1024, 8)
     block = 16 if quick else 64
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = True        # fp32: TF32 tensor cores, for cuBLAS and the kernels alike
-    base = GPT(d, layers, heads, vocab, seq).cuda().to(dtype)
+    base = GPT(d, layers, heads, vocab, seq).cuda().to(torch.bfloat16)
     x, y = batch(b, seq, vocab)
     spec = sparsecc.Sparsity({"blocks.*.fc*.weight": sparsecc.Blocks(block, density=0.1),
                               "blocks.*.qkv.weight": sparsecc.NM(2, 4, transposable=True)})
     weights_mib = 2 * sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20   # base + the copy
-    print(f"\nsparse weights: GPT d={d}, {layers} layers, {b}x{seq} tokens, {str(dtype)[6:]}"
-          f"{' (TF32)' if dtype == torch.float32 else ''}; MLP Blocks({block}, 0.1), "
+    print(f"\nsparse weights: GPT d={d}, {layers} layers, {b}x{seq} tokens, bfloat16; MLP Blocks({block}, 0.1), "
           f"qkv NM(2, 4, transposable=True); SGD momentum; peak minus {weights_mib:.0f} MiB of weights (2 copies)")
     header()
 
@@ -163,7 +160,7 @@ def weights_section(quick: bool, rounds: int, dtype: torch.dtype = torch.bfloat1
 
     base_ms = None
     for name, compile_model in (
-            *([("dense eager masked", lambda m: m)] if dtype != torch.float32 else []),
+            ("dense eager masked", lambda m: m),
             ("dense inductor masked", lambda m: torch.compile(m)),
             ("sparsecc measure", lambda m: torch.compile(m, backend="sparsecc", options={"sparsity": spec})),
             ("sparsecc off", lambda m: torch.compile(m, backend="sparsecc",
@@ -222,8 +219,6 @@ def main():
     print(f"device {torch.cuda.get_device_name()}")
     if args.only in (None, "weights"):
         weights_section(args.quick, args.rounds)
-    if args.only in (None, "weights32"):
-        weights_section(args.quick, args.rounds, torch.float32)
     if args.only in (None, "update"):
         update_section(args.quick, args.rounds)
     return 0

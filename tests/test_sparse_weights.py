@@ -365,6 +365,25 @@ def test_cost_model_refusal_is_reported_and_keeps_the_mask(tmp_path, monkeypatch
     torch.testing.assert_close(model.fc2.weight.grad, ref_grads["fc2.weight"])   # masked: zero where pruned
 
 
+def test_a_dtype_the_cpu_kernels_do_not_take_is_kept_dense_with_the_reason(monkeypatch):
+    """bfloat16 on the CPU path: the C++ kernels take float32/float64, so the call reads the weight masked
+    (on the Triton path bfloat16 is rewritten: tests/test_triton_end_to_end.py)."""
+    monkeypatch.delenv("SPARSECC_TRITON", raising=False)
+    model, inputs = make("mlp")
+    model = model.to(torch.bfloat16)
+    inputs = tuple(x.to(torch.bfloat16) for x in inputs)
+    spec = sparsecc.Sparsity({"fc2.weight": sparsecc.Blocks(8, 0.5)})
+    sparsecc.sparsify(model, spec)
+    ref_loss, ref_grads = masked_reference(model, inputs)
+    compiled = torch.compile(model, backend=sparsecc.backend(sparsity=spec, cost_model="off", executor="eager"))
+    loss_of(compiled(*inputs)).backward()
+    report = sparsecc.reports()[-1]
+    assert report.stats["sparse_ops"] == 0 and report.stats["sparse_refused"] == 1
+    assert "kept dense: dtype torch.bfloat16 (the sparse kernels here take float32/float64)" in str(report)
+    torch.testing.assert_close(model.fc2.weight.grad, ref_grads["fc2.weight"])
+    assert model.fc2.weight.grad[model.sparsecc_masks["fc2.weight"] == 0].abs().max() == 0
+
+
 def test_cost_model_measures_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
     shape = cost_model.LinearShape(16, 64, 64, torch.float32, "blocks", 16, 0.25)

@@ -63,7 +63,25 @@ for _ in range(2):
 diff = max((p - ref_params[n]).abs().max().item() for n, p in model.named_parameters())
 html = sparsecc.reports()[-1].to_html()
 graphs = "\n".join(sparsecc.reports()[-1].graphs.values())
+
+# bfloat16 (what GPU training runs): one step through the backend vs float64 on the same bf16 weights
+model16 = make("transformer")[0].to(torch.bfloat16)
+sparsecc.sparsify(model16, spec)
+ref64 = copy.deepcopy(model16).double()
+loss16 = loss_of(torch.compile(model16, backend=sparsecc.backend(sparsity=spec, cost_model="off",
+                                                                   executor="eager"))(ids))
+loss16.backward()
+loss64 = loss_of(ref64(ids))
+loss64.backward()
+for n, p in ref64.named_parameters(remove_duplicate=False):
+    if n in model16.sparsecc_masks:
+        p.grad.mul_(model16.sparsecc_masks[n])
+flat = lambda m: torch.cat([p.grad.double().flatten() for p in m.parameters()])
+report16 = sparsecc.reports()[-1]
 print(json.dumps({"losses": losses, "ref_losses": ref_losses, "param_diff": diff,
+                  "bf16": {"loss": loss16.item(), "ref_loss": loss64.item(),
+                           "grad_err": ((flat(model16) - flat(ref64)).norm() / flat(ref64).norm()).item(),
+                           "sparse_ops": report16.stats.get("sparse_ops", 0), "refused": report16.stats.get("sparse_refused", 0)},
                   "ops": sorted(set(re.findall(r"sparsecc\.(\w+)\.default", graphs))),
                   "kernels": sorted(kernels.generated_sources()), "in_report": "@triton.jit" in html,
                   "dumped": sorted(p.name for p in (pathlib.Path(os.environ["SPARSECC_DEBUG_DIR"]) / "triton").iterdir())
@@ -92,6 +110,12 @@ def test_sparse_transformer_trains_through_triton_kernels_in_the_interpreter(tmp
     result = run_in_interpreter(SCRIPT, tmp_path)
     assert result["losses"] == pytest.approx(result["ref_losses"], rel=1e-5)
     assert result["param_diff"] < 1e-5
+    # bfloat16 weights are rewritten too (3 blocks x (4 attention + 2 MLP linears) + the unstructured head);
+    # the interpreter rounds fp32 -> bf16 towards zero (a GPU rounds to nearest), so ours errs up to ~2x eager bf16's
+    bf16 = result["bf16"]
+    assert (bf16["sparse_ops"], bf16["refused"]) == (19, 0), bf16
+    assert bf16["loss"] == pytest.approx(bf16["ref_loss"], rel=1e-2)
+    assert bf16["grad_err"] < 3e-2, bf16
     # every sparse format ran as a generated kernel: forward, input gradient, weight gradient; N:M on its own
     assert kernel_ops(result["kernels"]) >= {"block_spmm", "block_sddmm", "csr_spmm", "csr_sddmm", "nm_mm", "nm_mm_t",
                                              "nm_sddmm"}, result["kernels"]

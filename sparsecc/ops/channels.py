@@ -17,9 +17,7 @@ import torch
 
 from ..optim import SGD, AdamW
 from . import tuning
-from .device import triton_kernels, use_triton
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .device import TRITON_DTYPES, triton_kernels, use_triton
 
 
 def on_triton(t: torch.Tensor) -> bool:

@@ -8,6 +8,10 @@ import os
 import torch
 
 
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # what the generated kernels take
+CPU_DTYPES = (torch.float32, torch.float64)                      # what the CPU kernels take
+
+
 def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or os.environ.get("SPARSECC_TRITON") == "1"
 
@@ -20,3 +24,8 @@ def triton_kernels():
         raise RuntimeError(f"sparsecc needs the 'triton' package for GPU tensors (or SPARSECC_TRITON=1): {e}; "
                            f"pip install -c constraints.txt triton") from e
     return kernels
+
+
+def kernel_dtypes(t: torch.Tensor) -> tuple[torch.dtype, ...]:
+    """The dtypes the sparse kernels that would run for tensors like t (a fake value at compile time) take."""
+    return TRITON_DTYPES if use_triton(t) else CPU_DTYPES

@@ -24,6 +24,7 @@ import torch.fx as fx
 from .. import cost_model
 from .._torch import FUNCTIONAL_LINEAR, detect_fake_mode
 from ..errors import ConfigError
+from ..ops.device import kernel_dtypes
 from ..sparse_registry import register
 from ..sparse_weights import SparseWeight, conv1x1
 from ..sparsity import Unstructured
@@ -36,7 +37,6 @@ _LINEAR = {FUNCTIONAL_LINEAR, torch.nn.functional.linear, aten.linear.default}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2,
          aten.conv1d.default: 1, aten.conv2d.default: 2}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -210,9 +210,11 @@ def _rewrite_calls(gm, sources: list[Source], config, rewrite: Rewrite, add_inpu
                     result.notes.append(f"{sw.name}: {user.name} not rewritten: {why}")
                 continue
             x_val = _value(user.args[0])
-            if x_val is None or x_val.dtype not in _DTYPES or x_val.dtype != sw.dense.dtype:
-                result.notes.append(f"{sw.name}: {user.name} kept dense: dtype "
-                                    f"{getattr(x_val, 'dtype', None)} (sparse kernels take float32/float64)")
+            dtypes = kernel_dtypes(x_val) if x_val is not None else ()
+            if x_val is None or x_val.dtype not in dtypes or x_val.dtype != sw.dense.dtype:
+                names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+                result.notes.append(f"{sw.name}: {user.name} kept dense: dtype {getattr(x_val, 'dtype', None)}"
+                                    f"{f' (the sparse kernels here take {names})' if names else ''}")
                 refused += 1
                 continue
             out, inp = sw.mask.shape[0], sw.mask[0].numel()
