@@ -110,6 +110,11 @@ def case_block_b32_fp16():
 
 
 @case
+def case_block_b64_fp32():         # b >= 64: the weight-gradient tile is not transposed (see case_block_b16_*)
+    return block_case(128, 192, 64, 21, torch.float32)
+
+
+@case
 def case_block_b16_bf16():
     return block_case(48, 80, 16, 37, torch.bfloat16)
 
@@ -491,6 +496,22 @@ def test_production_variants_compile_fit_and_do_not_spill(target, compiled, prod
     assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
 
 
+@pytest.mark.slow
+def test_block_kernels_run_on_hoppers_warpgroup_mma_with_pipelined_loads(compiled, production_plans):
+    """On sm_90 every 16-bit block-sparse variant at a model's sizes (each tuning candidate, b = 16 ... 128) lowers
+    its tl.dot to wgmma, not Ampere's mma.sync (which needs no M >= 64 edge: the transposed weight-gradient tile of
+    b < 64 is what gives it one), and software-pipelines its loads (cp.async). Compiled already: Triton's cache."""
+    from sparsecc.codegen.triton import aot
+    sources = [s for s in production_plans["sm_90"] if s.op in ("block_spmm", "block_sddmm")
+               and re.search(r"_(bf16|fp16)_", s.name) and not compiled[s.name, "sm_90"]]
+    assert {int(re.search(r"_b(\d+)_", s.name).group(1)) for s in sources} >= {16, 32, 64, 128}
+    assert {s.op for s in sources} == {"block_spmm", "block_sddmm"}
+    for s in sources:
+        ptx = aot.aot_compile(generate(s), "sm_90").asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, s.name
+        assert re.search(r"cp\.async\.c[ag]", ptx), s.name
+
+
 def test_aot_rejects_a_spilling_variant_and_reads_resources():
     """resources() reads registers, spills and shared memory from the compiled kernel (ptxas -v / the AMDGPU
     metadata); aot_compile turns a spill into AOTError. The spilling kernel: 32 x 64 fp32 FMA tiles, one warp."""
@@ -508,9 +529,10 @@ def test_aot_rejects_a_spilling_variant_and_reads_resources():
 
 def test_interpreter_ran_split_k_and_multi_block_steps(interpreter):
     """The interpreted cases reach every branch of the block kernels: several blocks per K step (KB > 1), several
-    blocks per weight-gradient tile (NB > 1), split-K with its fp32 workspace, padded blocks, FMA blocks."""
+    blocks per weight-gradient tile (NB > 1), split-K with its fp32 workspace, padded blocks, FMA blocks, and the
+    weight-gradient tile computed transposed (b < 64) and not (b = 64)."""
     names = " ".join(interpreter.results()["kernels"])
-    for part in ("_KB2", "_NB2", "_split", "block_spmm_fp32_b12", "_fma", "_vt"):
+    for part in ("_KB2", "_NB2", "_split", "block_spmm_fp32_b12", "_fma", "_vt", "_tr", "block_sddmm_fp32_b64"):
         assert part in names, part
 
 

@@ -18,7 +18,8 @@ compiled ahead of time for its target by the tests, so none spills registers or 
 Block-sparse kernels (GPU GEMM practice): block_spmm's output tile is [BLOCK_M tokens, b], its K-loop walks the
 block-row's stored blocks BLOCK_K // b at a time (a BLOCK_K-wide step however small b is), pipelined over
 num_stages; programs are launched in groups of GROUP_M token tiles (L2 reuse of the weight blocks and of x).
-block_sddmm's tile is [b, BLOCK_N] (BLOCK_N // b blocks of one block-row sharing their g slice), BLOCK_K tokens
+block_sddmm's tile is [b, BLOCK_N] (BLOCK_N // b blocks of one block-row sharing their g slice; computed as its
+transpose [BLOCK_N, b] for b < 64, so that tl.dot's M edge is BLOCK_N: Hopper's wgmma needs 64), BLOCK_K tokens
 per step, split over the tokens (split-K, fp32 partials summed once) when there are too few tiles to fill the GPU.
 
 Tile keys follow the GEMM convention of each kernel's output tile [BLOCK_M, BLOCK_N] and its reduction step
@@ -51,7 +52,8 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # 3 buffers, 4 -> 2; sm_80 5 -> 2, 4 -> 1; gfx942 4 -> 2), hence the deeper settings.
     "block_spmm": _table((128, 64, 8, 4, 5), (64, 32, 8, 4, 5), (128, 64, 8, 8, 5), (128, 64, 8, 4, 4),
                          (16, 32, 2, 4, 2), keys=("BLOCK_M", "BLOCK_K", "GROUP_M")),
-    # block_sddmm: output tile [b, BLOCK_N] (BLOCK_N // b blocks of one block-row); BLOCK_K tokens per step.
+    # block_sddmm: output tile [b, BLOCK_N] (BLOCK_N // b blocks of one block-row; [BLOCK_N, b] for b < 64);
+    # BLOCK_K tokens per step.
     "block_sddmm": _table((64, 128, 4, 3), (32, 64, 4, 2), (64, 128, 4, 4), (32, 64, 4, 2), (16, 32, 4, 2),
                           keys=("BLOCK_K", "BLOCK_N")),
     # csr_spmm (row-split): output [BLOCK_N tokens] of one sparse row, read from the transposed dense operand;

@@ -195,12 +195,15 @@ def block_sddmm(dtype: str, b: int, BLOCK_K: int, upcast=False, precision="ieee"
     One program per (tile, token chunk): a tile is up to BLOCK_N // b blocks of one block-row, sharing their g
     slice: output [b, BLOCK_N], BLOCK_K tokens per pipelined step. With `split` the tokens are cut into chunks
     (split-K: enough programs to fill the GPU when blocks are few) and each chunk writes fp32 partial sums to a
-    workspace [splits, nnzb, b, b] that the launcher adds up once; without it the tile is written in the dtype."""
+    workspace [splits, nnzb, b, b] that the launcher adds up once; without it the tile is written in the dtype.
+    For b < 64 (`tr`) the tile is computed transposed, x-slice^T @ g-slice ([BLOCK_N, b]), so tl.dot's M edge is
+    BLOCK_N: Hopper's wgmma needs M >= 64; Triton lowers a [b, BLOCK_N] tile to Ampere's mma.sync there."""
     bp = next_pow2(b)
     fma = bp < 16
     nb = 1 if fma else max(1, (BLOCK_N or bp) // bp)       # blocks per tile
     W = nb * bp
-    name = _name("block_sddmm", dtype, b=b, BK=BLOCK_K, NB=nb, split=split, fma=fma, up=upcast,
+    tr = not fma and bp < 64
+    name = _name("block_sddmm", dtype, b=b, BK=BLOCK_K, NB=nb, split=split, fma=fma, tr=tr, up=upcast,
                  tf32=precision == "tf32", u=not aligned, **_launch_tags(num_warps, num_stages))
     out_t = "fp32" if split else dtype
     args = [("g", f"*{dtype}", "[N, n_out] output gradient, unit column stride"),
@@ -216,13 +219,15 @@ def block_sddmm(dtype: str, b: int, BLOCK_K: int, upcast=False, precision="ieee"
             ("nnzb", "i32", "stored blocks"), ("sg0", "i32", "g.stride(0)"), ("sx0", "i32", "x.stride(0)")]
     pow2 = bp == b
     b_ok = None if pow2 else "b_ok"
-    g_mask = _and("t_ok[None, :]", b_ok and "r_ok[:, None]")
-    x_mask = _and("t_ok[:, None]", "j_ok[None, :]", b_ok and "c_ok[None, :]")
-    o_mask = _and("j_ok[None, :]", b_ok and "r_ok[:, None]", b_ok and "c_ok[None, :]")
+    # ix(a, c): the broadcast of a vector along a tile's rows (a) or columns (c); `tr` swaps rows and columns
+    ix = (lambda a, c: f"[{c}, {a}]") if tr else (lambda a, c: f"[{a}, {c}]")
+    g_mask = _and(f"t_ok{ix('None', ':')}", b_ok and f"r_ok{ix(':', 'None')}")
+    x_mask = _and(f"t_ok{ix(':', 'None')}", f"j_ok{ix('None', ':')}", b_ok and f"c_ok{ix('None', ':')}")
+    o_mask = _and(f"j_ok{ix('None', ':')}", b_ok and f"r_ok{ix(':', 'None')}", b_ok and f"c_ok{ix('None', ':')}")
     if fma:
         step = "acc += tl.sum(gt.to(tl.float32)[:, :, None] * xs.to(tl.float32)[None, :, :], axis=1)"
     else:
-        step = f"acc += {_dot('gt', 'xs', dtype, upcast, precision)}"
+        step = f"acc += {_dot('xs', 'gt', dtype, upcast, precision) if tr else _dot('gt', 'xs', dtype, upcast, precision)}"
     store_t = "tl.float32" if split else TL[dtype]
     body = f"""
     t = tl.program_id(0)                                       # tile
@@ -242,16 +247,16 @@ def block_sddmm(dtype: str, b: int, BLOCK_K: int, upcast=False, precision="ieee"
     xcol = {_hint(f"c * {b} + rc % {bp}", bp, pow2)}
     gcol = {_hint(f"r * {b} + rr", bp, pow2)}
     rt = tl.arange(0, {BLOCK_K})
-    acc = tl.zeros(({bp}, {W}), dtype=tl.float32)
+    acc = tl.zeros({f"({W}, {bp})" if tr else f"({bp}, {W})"}, dtype=tl.float32)
     for t0 in range(lo, hi, {BLOCK_K}):
         tt = t0 + rt
         t_ok = tt < hi
         tt = tt.to(tl.int64)
-        gt = tl.load(g + tt[None, :] * sg0 + gcol[:, None], mask={g_mask}, other=0.0)   # [b, BLOCK_K] g slice^T
-        xs = tl.load(x + tt[:, None] * sx0 + xcol[None, :], mask={x_mask}, other=0.0)   # [BLOCK_K, BLOCK_N]
+        gt = tl.load(g + tt{ix('None', ':')} * sg0 + gcol{ix(':', 'None')}, mask={g_mask}, other=0.0)   # {'[BLOCK_K, b] g slice' if tr else '[b, BLOCK_K] g slice^T'}
+        xs = tl.load(x + tt{ix(':', 'None')} * sx0 + xcol{ix('None', ':')}, mask={x_mask}, other=0.0)   # {'[BLOCK_N, BLOCK_K] x slice^T' if tr else '[BLOCK_K, BLOCK_N] x slice'}
         {step}
     blk = tl.load(order + pj, mask=j_ok, other=0)              # block id of each column
-    dst = out + (sp * nnzb + blk)[None, :] * {b * b} + rr[:, None] * {b} + (rc % {bp})[None, :]
+    dst = out + (sp * nnzb + blk){ix('None', ':')} * {b * b} + rr{ix(':', 'None')} * {b} + (rc % {bp}){ix('None', ':')}
     tl.store(dst, acc.to({store_t}), mask={o_mask})
 """
     return _render("block_sddmm", name, block_sddmm.__doc__.splitlines()[0], args, body, num_warps, num_stages,
