@@ -1,18 +1,21 @@
-"""Everything this repository can only check on a GPU, in one go: at most 8 minutes (one H200).
+"""What this repository can only check on a GPU, in one go: at most 9.5 minutes (one H200) by default.
 
-usage: python scripts/gpu_check.py OUT_DIR            (from the repository root; OUT_DIR is created)
+usage: python scripts/gpu_check.py OUT_DIR [--steps a,b,...]   (from the repository root; OUT_DIR is created)
 
 Each step runs as its own process with its own time limit (so one slow step cannot starve the others) and writes
-OUT_DIR/<step>.log; OUT_DIR/summary.txt lists every step's exit status, seconds and last lines.
-  env              versions, device, compute capability, 2:4 sparse tensor cores (torch semi-structured) or why not
-  kernels          every case of tests/test_triton_kernels.py on CUDA against its float64 reference and tolerance
+OUT_DIR/<step>.log; OUT_DIR/summary.txt lists every step's exit status, seconds and last lines. --steps picks
+steps by name, in the order given; the default runs those marked *, which fit one 10-minute device command.
+* env              versions, device, compute capability, 2:4 sparse tensor cores (torch semi-structured) or why not
+* llm_memory       benchmarks/bench_llm_memory.py --only gpu --rounds 3: the 0.74 B and 6.7 B sparse-update steps,
+                   training memory against Inductor + freezing (issue 14's GPU goal)
+* kernels          every case of tests/test_triton_kernels.py on CUDA against its float64 reference and tolerance
                    (as /work/shared/gpu/kernels_on_gpu.py did), then the launchers at a model's sizes (4096 tokens:
                    the large tiles, tuning candidates and split-K choices the interpreter never runs) against fp32
                    dense references
   cost_model       the cost model deciding a few 4096 x 4096 bf16 shapes on the GPU (blocks, transposable 2:4,
                    unstructured): seconds per shape and each decision's text
-  bench_<section>  benchmarks/bench_triton.py --only <section> --rounds 5 (blocks, nm, channels, csr)
-  train_<part>     benchmarks/bench_gpu_train.py --only <part> --rounds 5 (weights, update)
+* bench_<section>  benchmarks/bench_triton.py --only <section> --rounds 5 (blocks*, nm*, channels, csr)
+  train_<part>     benchmarks/bench_gpu_train.py --only <part> --rounds 5 (weights*, update)
 Without a CUDA GPU it says so, writes the summary and exits 0 (so CI can run it).
 """
 from __future__ import annotations
@@ -26,8 +29,9 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = [  # (name, seconds allowed, command): 470 s in all at most
+STEPS = [  # (name, seconds allowed, command)
     ("env", 15, [sys.executable, __file__, "--step", "env"]),
+    ("llm_memory", 220, [sys.executable, "benchmarks/bench_llm_memory.py", "--only", "gpu", "--rounds", "3"]),
     ("kernels", 90, [sys.executable, __file__, "--step", "kernels"]),
     ("cost_model", 40, [sys.executable, __file__, "--step", "cost_model"]),
     *[(f"bench_{s}", t, [sys.executable, "benchmarks/bench_triton.py", "--only", s, "--rounds", "5"])
@@ -35,6 +39,7 @@ STEPS = [  # (name, seconds allowed, command): 470 s in all at most
     *[(f"train_{p}", t, [sys.executable, "benchmarks/bench_gpu_train.py", "--only", p, "--rounds", "5"])
       for p, t in (("weights", 150), ("update", 50))],
 ]
+DEFAULT_STEPS = ["env", "llm_memory", "kernels", "bench_blocks", "bench_nm", "train_weights"]   # 560 s at most
 
 
 def step_env():
@@ -203,7 +208,15 @@ def main():
         sys.path.insert(0, str(ROOT))
         {"env": step_env, "kernels": step_kernels, "cost_model": step_cost_model}[sys.argv[2]]()
         return 0
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+    limits = {name: (limit, cmd) for name, limit, cmd in STEPS}
+    steps = DEFAULT_STEPS
+    if len(sys.argv) == 4 and sys.argv[2] == "--steps":
+        steps = sys.argv[3].split(",")
+        unknown = [s for s in steps if s not in limits]
+        if unknown:
+            print(f"gpu_check: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(limits)}")
+            return 2
+    elif len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         print(__doc__)
         return 2
     out = Path(sys.argv[1]).resolve()
@@ -219,7 +232,8 @@ def main():
            "SPARSECC_PROGRESS": os.environ.get("SPARSECC_PROGRESS", "1"),
            "SPARSECC_BENCH_DTYPES": os.environ.get("SPARSECC_BENCH_DTYPES", "bfloat16")}   # bench_triton: bf16 only
     summary, start = [], time.time()
-    for name, limit, cmd in STEPS:
+    for name in steps:
+        limit, cmd = limits[name]
         t0 = time.time()
         with (out / f"{name}.log").open("w") as log:
             try:

@@ -569,6 +569,9 @@ def test_gpu_scripts_exit_cleanly_without_a_gpu(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         assert "no CUDA" in out.stdout, out.stdout
     assert "no CUDA GPU" in (tmp_path / "gpu" / "summary.txt").read_text()
+    bad = subprocess.run([sys.executable, "scripts/gpu_check.py", str(tmp_path / "gpu"), "--steps", "env,kernel"],
+                         cwd=root, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown step(s) kernel; the steps are env, llm_memory, kernels" in bad.stdout
 
 
 def test_configs_cover_every_kernel_and_target():
