@@ -159,19 +159,22 @@ def _workspace(node: fx.Node) -> int:
 
 def kernel_workspace(target, args, kwargs, device) -> int:
     """Memory an op's kernel holds only while it runs, beyond its outputs: sparsecc::linear_cross_entropy's chunk
-    buffers (its formula); for a CPU convolution and its backward, oneDNN's reordered copies of inputs, weights
+    buffers (its formula; measured once per shape for float16/bfloat16 on the CPU, where oneDNN's reduced-precision
+    matmul copies an operand); for a CPU convolution and its backward, oneDNN's reordered copies of inputs, weights
     and outputs (measured once per shape: that depends on oneDNN's choice of layout); else 0."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    measurable = device is not None and device.type == "cpu" and \
+        all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride()))      # not symbolic
     if target is torch.ops.sparsecc.linear_cross_entropy.default:
         h, weight, _, _, _, _, _, cast, chunk, input_grad = args[:10]
-        return linear_cross_entropy.workspace_bytes(h, weight, cast, chunk, input_grad)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if target in _MEASURED and device is not None and device.type == "cpu" and \
-            all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride())):    # not symbolic
-        spec = tuple((_TENSOR, tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
-                     tuple(a) if isinstance(a, list) else a for a in args)
-        return _measured_workspace(target, spec, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                                              for k, v in kwargs.items())))
-    return 0
+        if not (measurable and h.dtype in (torch.float16, torch.bfloat16)):
+            return linear_cross_entropy.workspace_bytes(h, weight, cast, chunk, input_grad)
+    elif target not in _MEASURED or not measurable:
+        return 0
+    spec = tuple((_TENSOR, tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
+                 tuple(a) if isinstance(a, list) else a for a in args)
+    return _measured_workspace(target, spec, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                          for k, v in kwargs.items())))
 
 
 _MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)

@@ -169,3 +169,19 @@ def test_the_op_holds_one_chunk_of_logits_at_a_time():
     chunk = 16 * 4096 * 4
     assert workspace_bytes(h, w, None, 16, True) == chunk        # the chunk outweighs the pieces (4 KB) here
     assert abs(measure_peak(call) - (outputs + chunk)) <= 4096
+
+
+def test_in_bfloat16_on_the_cpu_the_op_makes_no_float32_copy_and_the_memory_model_measures_it():
+    """scatter_add_ on a CPU bfloat16 tensor allocates a float32 copy of it: the op adds each row's target entry
+    with index_put_ instead (a float32 copy of a chunk would be 256 KB more here). oneDNN's bfloat16 matmul copies
+    an operand, which the formula does not know: there the memory model measures the op's workspace."""
+    from sparsecc.memory import kernel_workspace, measure_peak
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(128, 8, generator=g).bfloat16(), torch.randn(4096, 8, generator=g).bfloat16()
+    target = torch.randint(0, 4096, (128,), generator=g)
+    args = (h, w, None, target, "mean", -100, 0.0, None, 64, True, False)     # the hidden states' gradient
+    op = torch.ops.sparsecc.linear_cross_entropy.default
+    workspace = measure_peak(lambda: op(*args)) - h.numel() * 2
+    chunk, weight = 64 * 4096 * 2, 4096 * 8 * 2
+    assert chunk <= workspace <= 2 * chunk + weight + 4096, workspace     # no float32 chunk (+ 2 * chunk)
+    assert abs(kernel_workspace(op, args, {}, h.device) - workspace) <= 4096

@@ -54,11 +54,13 @@ def chunked(h, weight, bias, target, reduction: str, ignore_index: int, smoothin
             continue
         # d loss / d logits = scale * (softmax - (1 - eps) onehot - eps / V), scale = valid / count (mean) or valid
         scale = valid.to(dtype) / count if reduction == "mean" else valid.to(dtype)
-        fix = (-(1 - smoothing) * scale)[:, None]
+        # each row's target entry once: index_put with accumulate (scatter_add_ on a CPU bfloat16 tensor makes
+        # a float32 copy of the whole chunk)
+        at, fix = (torch.arange(len(safe), device=safe.device), safe), -(1 - smoothing) * scale
         if inplace:
-            grad = e.mul_(scale[:, None] / total).scatter_add_(1, safe[:, None], fix)
+            grad = e.mul_(scale[:, None] / total).index_put_(at, fix, accumulate=True)
         else:
-            grad = (e * (scale[:, None] / total)).scatter_add(1, safe[:, None], fix)
+            grad = (e * (scale[:, None] / total)).index_put(at, fix, accumulate=True)
         if smoothing:
             grad = grad - smoothing / vocab * scale[:, None]
         grad = grad.to(h.dtype)
