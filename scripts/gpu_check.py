@@ -3,7 +3,8 @@
 usage: python scripts/gpu_check.py OUT_DIR [--steps a,b,...]   (from the repository root; OUT_DIR is created)
 
 Each step runs as its own process with its own time limit (so one slow step cannot starve the others) and writes
-OUT_DIR/<step>.log; OUT_DIR/summary.txt lists every step's exit status, seconds and last lines. --steps picks
+OUT_DIR/<step>.log; OUT_DIR/summary.txt lists every step's exit status, seconds and last lines; the cost model's
+and the autotuner's cache files (what was measured and chosen on this GPU) are copied there too. --steps picks
 steps by name, in the order given; the default runs those marked *, which fit one 10-minute device command.
 * env              versions, device, compute capability, 2:4 sparse tensor cores (torch semi-structured) or why not
 * llm_memory       benchmarks/bench_llm_memory.py --only gpu --rounds 3: the 0.74 B and 6.7 B sparse-update steps,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -245,8 +247,13 @@ def main():
         summary.append(f"{name}: {rc} in {time.time() - t0:.0f} s\n    " + "\n    ".join(tail))
         print(summary[-1], flush=True)
     summary.append(f"total {time.time() - start:.0f} s")
-    (out / "summary.txt").write_text("\n".join(summary) + "\n")
     print(summary[-1])
+    sys.path.insert(0, str(ROOT))
+    from sparsecc.cache import cache_dir          # what the GPU decided: the cost model's and the tuner's caches
+    for path in [*cache_dir().glob("cost_model-*.json"), *(cache_dir() / "triton").glob("tuning-*.json")]:
+        shutil.copy(path, out / path.name)
+        summary.append(f"copied {path.name}")
+    (out / "summary.txt").write_text("\n".join(summary) + "\n")
     return 0
 
 

@@ -318,14 +318,24 @@ def test_channels_weight_grad_takes_the_kernel_off_the_gpu():
     assert tuning.channels_choice(g, x, 3, "in", lambda: pytest.fail(), lambda: pytest.fail()) == "kernel"
 
 
-def test_autotuner_times_each_candidate_once_and_keeps_the_fastest_on_disk(monkeypatch, tmp_path):
+def test_autotuner_times_each_candidate_once_and_keeps_the_fastest_on_disk(monkeypatch, tmp_path, capsys):
     from sparsecc.codegen.triton import tune
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSECC_PROGRESS", "1")
     monkeypatch.setattr(tune, "device_key", lambda device: "FakeGPU-cc90-torchX-tritonY")
     ms = {"a": 3.0, "b": 1.0, "c": 2.0}
+
+    def launch(src, cfg):
+        if src == "d":
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return src
     monkeypatch.setattr(tune, "gpu_median_ms", lambda fn, device, budget_ms: ms[fn()])
-    variants = [("a", {"BLOCK_M": 64}), ("b", {"BLOCK_M": 128}), ("c", {"BLOCK_M": 256})]
-    assert tune.pick("block_spmm bf16 b64 N4096", variants, lambda src, cfg: src, torch.device("cpu"))[0] == "b"
+    variants = [("a", {"BLOCK_M": 64}), ("b", {"BLOCK_M": 128}), ("c", {"BLOCK_M": 256}), ("d", {"BLOCK_M": 512})]
+    assert tune.pick("block_spmm bf16 b64 N4096", variants, launch, torch.device("cpu"))[0] == "b"
+    # every candidate's time, and why one could not run, are in the progress line (a GPU log shows the table)
+    assert ('tuned block_spmm bf16 b64 N4096: fastest 1.000 ms {"BLOCK_M": 128}; 2.000 ms {"BLOCK_M": 256}; '
+            '3.000 ms {"BLOCK_M": 64}; failed {"BLOCK_M": 512}: RuntimeError: out of resource: shared memory'
+            in capsys.readouterr().err)
     tune._MEMO.clear()                                 # a new process: the answer comes from the disk cache
     run = lambda src, cfg: pytest.fail("timed again")  # noqa: E731
     assert tune.pick("block_spmm bf16 b64 N4096", variants, run, torch.device("cpu")) == variants[1]

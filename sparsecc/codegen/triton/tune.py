@@ -54,17 +54,21 @@ def pick(key: str, variants: list[tuple[object, dict]], run: Callable[[object, d
         path = cache_file(device)
         chosen = tuning.load(path).get(key)
         if chosen is None or json.dumps(chosen, sort_keys=True) not in by_cfg:
-            times = {}
+            times, failed = {}, {}
             for src, cfg in variants:
+                name = json.dumps(cfg, sort_keys=True)
                 try:
-                    times[json.dumps(cfg, sort_keys=True)] = gpu_median_ms(lambda: run(src, cfg), device, BUDGET_MS)
-                except Exception:          # noqa: BLE001 - a candidate that cannot run here is just not chosen
-                    continue
+                    times[name] = gpu_median_ms(lambda: run(src, cfg), device, BUDGET_MS)
+                except Exception as e:     # noqa: BLE001 - a candidate that cannot run here is just not chosen
+                    failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             if not times:
+                say(f"tuning {key}: no configuration ran; {failed}")
                 return variants[0]
             best = min(times, key=times.get)
             chosen = json.loads(best)
-            say(f"tuned {key}: {len(times)} configurations, fastest {times[best]:.3f} ms {best}")
+            others = "; ".join([f"{ms:.3f} ms {name}" for name, ms in sorted(times.items(), key=lambda kv: kv[1])
+                                if name != best] + [f"failed {name}: {why}" for name, why in failed.items()])
+            say(f"tuned {key}: fastest {times[best]:.3f} ms {best}{'; ' + others if others else ''}")
             tuning.store(path, key, chosen)
         _MEMO[(dkey, key)] = chosen
     return by_cfg.get(json.dumps(chosen, sort_keys=True), variants[0])
