@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import operator
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,9 +85,16 @@ def leafspec_warning_ignored():
         yield
 
 
-def _export(module: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:
-    """torch.export (non-strict) decomposed to core ATen."""
+def _export(module: torch.nn.Module, args: tuple, functional: bool = False) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) decomposed to core ATen. functional=True: module is a graph of core ATen ops
+    with no in-place writes, whose export is already that (decomposing it again retraces it for nothing)."""
     ep = torch.export.export(module, args, strict=False)
+    if functional:           # as a retrace would: no unused results of multi-result ops (batch norm's statistics)
+        for node in ep.graph.find_nodes(op="call_function", target=operator.getitem):
+            if not node.users:
+                ep.graph.erase_node(node)
+        ep.graph_module.recompile()
+        return ep
     with leafspec_warning_ignored():
         return ep.run_decompositions({})
 
@@ -112,7 +120,7 @@ def _functional(module: torch.nn.Module, args: list[torch.Tensor]):
         user.append(node)
     _reshape_not_view(flat)
     lifted = [t.detach().clone() for _, t in own]
-    pure = _export(_Call(flat), tuple(args) + tuple(lifted))
+    pure = _export(_Call(flat), tuple(args) + tuple(lifted), functional=True)
     _reshape_not_view(pure.graph_module)
     return pure, new_of, lifted
 
