@@ -135,6 +135,7 @@ class TrainStep:
         self._step = torch.tensor(0.0, dtype=torch.float64, device=device)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self._compiled: dict[tuple, _Compiled] = {}
+        self._captures: dict[tuple, fx.GraphModule] = {}     # Dynamo's capture per batch signature, before any pass
         self.compilations = 0
         self.example_inputs = example_inputs
         self._get(*example_inputs)
@@ -183,7 +184,7 @@ class TrainStep:
                 p.requires_grad_(True)     # export full backprop; prune_backward decides what stays
             with torch.enable_grad():      # a recompile can start inside the no_grad step
                 start = time.perf_counter()
-                captured = capture(wrapper, leaves)
+                captured = self._capture(wrapper, leaves, structure)
                 _check_loss(captured, self.loss_fn)
                 captured_passes = [fn(captured, self._trained) for fn in (CAPTURE_PASSES if self.config.fuse_loss else ())]
                 if wrapper.masked and sparse_kernels:
@@ -221,6 +222,15 @@ class TrainStep:
                                                operands)
         joint.meta["sparsecc_capture_passes"] = captured_passes
         return joint, plan
+
+    def _capture(self, wrapper, leaves, structure: Structure) -> fx.GraphModule:
+        """The step's forward and loss as Dynamo captures them, once per batch signature (compiling, portable_graph
+        and joint_graph trace the same program; the attention backend is chosen later, by the joint trace): a copy
+        each time, since the passes after it rewrite theirs in place."""
+        key = (structure, _signature(leaves))
+        if key not in self._captures:
+            self._captures[key] = capture(wrapper, leaves)
+        return clone_graph_module(self._captures[key])
 
     def _trained(self, node: fx.Node) -> bool:
         """Whether a node of the captured graph reads a parameter the scheme trains."""
