@@ -10,8 +10,9 @@ shapes, strides and dtypes; an op's results from its meta/fake implementation), 
 allocated. Graph inputs are resident and not counted, as in memory.liveness; memory an op holds only while it
 runs is memory.kernel_workspace's (sparsecc::linear_cross_entropy's chunks, oneDNN's copies in a CPU convolution).
 
-plan() generates the wrapper for a graph that is not compiled yet (a memory_budget point). timeline() returns
-None for a wrapper it cannot follow (a statement it cannot evaluate, partitions): the caller
+CUDA wrappers add a device guard block, streams and kernel launches, which allocate nothing. plan() generates
+the wrapper for a graph that is not compiled yet (a memory_budget point). timeline() returns None for a wrapper
+it cannot follow (a statement it cannot evaluate; graph partitions, whose calls it does not size): the caller
 keeps its own model then.
 """
 from __future__ import annotations
@@ -101,7 +102,10 @@ NAMESPACE = {"torch": torch, "aten": torch.ops.aten, "inf": math.inf, "nan": mat
              "empty_strided": _empty_strided, "empty_strided_cpu": _empty_strided, "empty_strided_cuda": _empty_strided,
              "extern_kernels": torch._C._VariableFunctions}
 _OPS = ("torch.ops.", "aten.", "extern_kernels.")
-_SETUP = ("get_raw_stream", "torch.cuda", "torch.xpu")      # statements that allocate nothing
+# assignments that allocate nothing: streams, devices; copy_misaligned returns a CUDA input itself unless it is
+# not 16-byte aligned (PyTorch's allocator aligns every tensor it hands out)
+_SETUP = ("get_raw_stream", "torch.cuda", "torch.xpu", "copy_misaligned")
+_MULTI_ASSIGN = re.compile(r"^\(?\w+\s*,[\w\s,]*\)?\s*=[^=]")     # `a, b = ...`, `(a,) = ...`: not followed
 
 
 def _op_call(expr: str, env: dict):
@@ -156,8 +160,9 @@ def timeline(code: str, example_inputs, owned=()) -> Timeline | None:
                         labels.append(f"{name} (while it runs)")
                         points.append(buffers.live + workspace)
                     labels.append(name)
-                elif _ASSIGN.match(stmt) and not stmt.split("=", 1)[1].strip().startswith(_SETUP):
-                    return None        # a name this does not know how to size
+                elif (_ASSIGN.match(stmt) and not stmt.split("=", 1)[1].strip().startswith(_SETUP)) or \
+                        _MULTI_ASSIGN.match(stmt):
+                    return None        # a name this does not know how to size (graph partitions' calls too)
                 elif stmt.startswith(_OPS) and "out=" not in stmt:
                     return None        # an op whose results are not named: not something this follows
                 else:

@@ -125,6 +125,54 @@ def test_inductor_buffer_plan_counted_by_hand():
                     [torch.randn(8, 16), torch.randn(8, 16)]) is None
 
 
+CUDA_WRAPPER = """
+def call(self, args):
+    arg0_1, arg1_1 = args
+    args.clear()
+    assert_size_stride(arg0_1, (8, 16), (16, 1))
+    with torch.cuda._DeviceGuard(0):
+        torch.cuda.set_device(0)
+        arg1_1 = copy_misaligned(arg1_1)
+        buf0 = empty_strided_cuda((8, 16), (16, 1), torch.float32)
+        # Topologically Sorted Source Nodes: [exp], Original ATen: [aten.exp]
+        stream0 = get_raw_stream(0)
+        triton_poi_fused_exp_0.run(arg0_1, buf0, 128, stream=stream0)
+        del arg0_1
+        buf1 = empty_strided_cuda((8, 8), (8, 1), torch.float32)
+        extern_kernels.mm(buf0, reinterpret_tensor(arg1_1, (16, 8), (1, 16), 0), out=buf1)
+        buf2 = buf0; del buf0  # reuse
+        triton_poi_fused_add_1.run(buf2, buf1, 128, stream=stream0)
+        del buf1
+    return (buf2, )
+"""
+
+PARTITIONED = """
+class Runner:
+    def call(self, args):
+        arg0_1, arg1_1 = args
+        args.clear()
+        partition0_args = [arg0_1, arg1_1]
+        del arg0_1, arg1_1
+        (buf2,) = self.partitions[0](partition0_args)
+        del partition0_args
+        return (buf2, )
+"""
+
+
+def test_a_cuda_wrapper_is_walked_and_graph_partitions_are_not():
+    """The statements a CUDA wrapper adds (device guard block, set_device, streams, copy_misaligned of an input,
+    kernel launches on a stream) allocate nothing; graph partitions' calls are not sized, so such a wrapper gives
+    no plan (the caller's liveness model is used), and neither does any `a, b = ...` assignment."""
+    from sparsecc.inductor_memory import timeline
+    inputs = [torch.randn(8, 16), torch.randn(8, 16)]
+    plan = timeline(CUDA_WRAPPER, inputs)
+    assert plan.names == ["buf0", "del arg0_1", "buf1", "buf2", "del buf0", "del buf1"]
+    assert plan.live_bytes == [512, 512, 768, 768, 768, 512] and plan.peak == 768
+    assert timeline(PARTITIONED, inputs) is None
+    assert timeline(CUDA_WRAPPER.replace("buf1 = empty_strided_cuda", "buf1, buf9 = empty_strided_cuda"),
+                    inputs) is None
+
+
 def test_reorder_keeps_the_order_when_the_schedule_would_raise_the_peak():
     gm = make_fx(big_temporary_then_small_residents)(torch.randn(1000), torch.randn(100))
     original = names(gm)
