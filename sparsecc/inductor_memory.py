@@ -10,10 +10,11 @@ shapes, strides and dtypes; an op's results from its meta/fake implementation), 
 allocated. Graph inputs are resident and not counted, as in memory.liveness; memory an op holds only while it
 runs is memory.kernel_workspace's (sparsecc::linear_cross_entropy's chunks, oneDNN's copies in a CPU convolution).
 
-CUDA wrappers add a device guard block, streams and kernel launches, which allocate nothing. plan() generates
-the wrapper for a graph that is not compiled yet (a memory_budget point). timeline() returns None for a wrapper
-it cannot follow (a statement it cannot evaluate; graph partitions, whose calls it does not size): the caller
-keeps its own model then.
+CUDA wrappers add a device guard block, streams and kernel launches, which allocate nothing, and (Inductor's
+default there) graph partitions: functions `call` hands a list of arguments, whose returned buffers live on
+under the caller's names and whose other locals go when they return; each is walked in its own scope. plan()
+generates the wrapper for a graph that is not compiled yet (a memory_budget point). timeline() returns None for
+a wrapper it cannot follow (a statement it cannot evaluate or size): the caller keeps its own model then.
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) * t.element_size()
 
 
-def _call_body(code: str) -> list[str] | None:
-    """The statements of the wrapper's call(self, args), or None if it has no single such function."""
+def _function_body(code: str, header: str) -> list[str] | None:
+    """The statements of the wrapper's function whose def line is `header` (e.g. "def call(self, args):"), or
+    None if it has no single such function."""
     lines = code.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.strip() == "def call(self, args):"]
+    starts = [i for i, line in enumerate(lines) if line.strip() == header]
     if len(starts) != 1:
         return None
     indent = None
@@ -122,27 +124,77 @@ def timeline(code: str, example_inputs, owned=()) -> Timeline | None:
     called with example_inputs (real or fake tensors, in the compiled graph's input order); None if the wrapper
     has a statement this cannot follow. Inputs are resident and not counted, except those at the indices in
     owned: the wrapper holds their last reference (a backward's saved activations) and frees them at `del`."""
-    body = _call_body(code)
-    if not body or not re.match(r"^[\w, ]+ = args$", body[0]):
+    body = _function_body(code, "def call(self, args):")
+    unpack = body and _UNPACK.match(body[0])
+    if not unpack or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         return None
-    names = [n.strip() for n in body[0].split("=")[0].split(",") if n.strip()]
-    if len(names) != len(example_inputs) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+    names = _names(unpack.group(1))
+    if len(names) != len(example_inputs):
         return None
+    walk = _Walk(code, example_inputs[0].device if example_inputs else None)
     env = {n: _meta(t) for n, t in zip(names, example_inputs)}
-    device = example_inputs[0].device if example_inputs else None
-    buffers, labels, points = _Buffers(), [], []
     for i in owned:
-        buffers.allocate(names[i], env[names[i]])
+        walk.buffers.allocate(names[i], env[names[i]])
     with torch.no_grad():
-        for line in body[1:]:
+        done = walk.body(body[1:], env, "")
+    return Timeline(walk.labels, walk.points, "Inductor's buffer plan") if done is not None else None
+
+
+_UNPACK = re.compile(r"^\(?([\w, ]+?),?\)? = args$")                       # `a, b = args`, `(a,) = args`
+_PARTITION_CALL = re.compile(r"^\(?([\w, ]+?),?\)? = self\.partitions\[(\d+)\]\((\w+)\)$")
+_LIST = re.compile(r"^(\w+) = \[([\w, ]*)\]$")                               # partitionN_args = [a, b]
+_RETURN = re.compile(r"^return \(?([\w, ]*?),?\s*\)?$")
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+class _Walk:
+    """Walks the wrapper's statements, its graph partitions' (functions the call hands a list of arguments and
+    which return buffers) included: names are scoped per function (a partition's locals go when it returns)."""
+
+    def __init__(self, code: str, device):
+        self.code, self.device = code, device
+        self.buffers, self.labels, self.points = _Buffers(), [], []
+        self.lists: dict[str, list[list[int]]] = {}     # an argument list's key -> each element's storages
+        runner = re.search(r"Runner\(partitions=\[([\w, ]*)\]\)", code)
+        self.partitions = _names(runner.group(1)) if runner else []
+
+    def body(self, statements: list[str], env: dict, scope: str, args: str | None = None) -> list[str] | None:
+        """Walk statements in a function whose names are keyed scope + name (args: the caller's key of the
+        argument list, released at args.clear()); returns the names it returns, None where it cannot follow."""
+        buffers = self.buffers
+        for line in statements:
             for stmt in (s.strip() for s in line.split("#")[0].split(";")):
+                if not stmt:
+                    continue
                 if stmt.startswith("return"):
-                    return Timeline(labels, points, "Inductor's buffer plan")
+                    returned = _RETURN.match(stmt)
+                    return _names(returned.group(1)) if returned else None
+                if stmt == "args.clear()":
+                    if args:
+                        buffers.release(args)
+                    continue
                 if stmt.startswith("del "):
-                    for name in (n.strip() for n in stmt[4:].split(",")):
-                        buffers.release(name)
+                    for name in _names(stmt[4:]):
+                        buffers.release(scope + name)
                         env.pop(name, None)
-                    labels.append(stmt)
+                    self.labels.append(f"{scope}{stmt}")
+                elif _LIST.match(stmt):            # the argument list of a partition: it holds its elements
+                    name, items = _LIST.match(stmt).groups()
+                    items = _names(items)
+                    if any(i not in env for i in items):
+                        return None
+                    env[name] = [env[i] for i in items]
+                    self.lists[scope + name] = [list(buffers.owner.get(scope + i, [])) for i in items]
+                    buffers.hold(scope + name, [sid for sids in self.lists[scope + name] for sid in sids])
+                    continue
+                elif _PARTITION_CALL.match(stmt):
+                    outs, index, arg_list = _PARTITION_CALL.match(stmt).groups()
+                    if not self.partition(int(index), _names(outs), arg_list, env, scope):
+                        return None
+                    continue
                 elif _ASSIGN.match(stmt) and stmt.startswith("buf"):
                     name, expr = _ASSIGN.match(stmt).groups()
                     try:
@@ -153,43 +205,77 @@ def timeline(code: str, example_inputs, owned=()) -> Timeline | None:
                     workspace = 0
                     if call:
                         op = torch.ops.aten.convolution.default if call[0] is torch.convolution else call[0]
-                        workspace = kernel_workspace(op, call[1], call[2], device)
-                    _assign(buffers, name, expr, value, env, call)
+                        workspace = kernel_workspace(op, call[1], call[2], self.device)
+                    _assign(buffers, scope, name, expr, value, env, call)
                     env[name] = value
                     if workspace:
-                        labels.append(f"{name} (while it runs)")
-                        points.append(buffers.live + workspace)
-                    labels.append(name)
+                        self.labels.append(f"{scope}{name} (while it runs)")
+                        self.points.append(buffers.live + workspace)
+                    self.labels.append(scope + name)
                 elif (_ASSIGN.match(stmt) and not stmt.split("=", 1)[1].strip().startswith(_SETUP)) or \
                         _MULTI_ASSIGN.match(stmt):
-                    return None        # a name this does not know how to size (graph partitions' calls too)
+                    return None        # a name this does not know how to size
                 elif stmt.startswith(_OPS) and "out=" not in stmt:
                     return None        # an op whose results are not named: not something this follows
                 else:
                     continue           # a generated kernel, an op writing into buffers it is given, an assert
-                points.append(buffers.live)
-    return None
+                self.points.append(buffers.live)
+        return None
+
+    def partition(self, index: int, outs: list[str], arg_list: str, env: dict, scope: str) -> bool:
+        """`outs = self.partitions[index](arg_list)`: walk the partition's body in its own scope; the caller's names
+        outs then hold what it returned, and its other locals are released."""
+        if index >= len(self.partitions) or not isinstance(env.get(arg_list), list):
+            return False
+        body = _function_body(self.code, f"def {self.partitions[index]}(args):")
+        if body is None:
+            return False
+        inner, values = f"{self.partitions[index]}:", env[arg_list]
+        local = {}
+        unpack = _UNPACK.match(body[0]) if body else None
+        if unpack:
+            params = _names(unpack.group(1))
+            if len(params) != len(values):
+                return False
+            local = dict(zip(params, values))
+            for param, sids in zip(params, self.lists[scope + arg_list]):
+                self.buffers.hold(inner + param, sids)
+            body = body[1:]
+        returned = self.body(body, local, inner, scope + arg_list)
+        if returned is None or len(returned) != len(outs):
+            return False
+        for out, name in zip(outs, returned):
+            if name not in local:
+                return False
+            self.buffers.hold(scope + out, list(self.buffers.owner.get(inner + name, [])))
+            env[out] = local[name]
+        for name in list(self.buffers.owner):
+            if name.startswith(inner):
+                self.buffers.release(name)
+        return True
 
 
-def _assign(buffers: _Buffers, name: str, expr: str, value, env: dict, call) -> None:
-    """Account `name = expr` (value: what it evaluated to on meta tensors; call: _op_call(expr))."""
+def _assign(buffers: _Buffers, scope: str, name: str, expr: str, value, env: dict, call) -> None:
+    """Account `name = expr` in a function whose names are keyed scope + name (value: what it evaluated to on meta
+    tensors; call: _op_call(expr))."""
     item, alias = _ITEM.match(expr), _ALIAS.match(expr)
+    key = scope + name
     if _ALLOC.match(expr):
-        buffers.allocate(name, value)
+        buffers.allocate(key, value)
     elif item:                          # one result of a multi-result op: it keeps that result's storage
-        parent, index = item.group(1), int(item.group(2))
-        buffers.hold(name, [sid for i, sid in buffers.results.get(parent, ()) if i == index])
+        parent, index = scope + item.group(1), int(item.group(2))
+        buffers.hold(key, [sid for i, sid in buffers.results.get(parent, ()) if i == index])
     elif alias and alias.group(1) in env and call is None:   # another name for a buffer (or input)
-        buffers.hold(name, list(buffers.owner.get(alias.group(1), [])))
+        buffers.hold(key, list(buffers.owner.get(scope + alias.group(1), [])))
     else:                               # an op Inductor calls as is: results not aliasing its inputs are new storages
         outs = value if isinstance(value, (tuple, list)) else (value,)
         inputs = {StorageWeakRef(t.untyped_storage()) for t in pytree.tree_leaves(call[1:] if call else ())
                   if isinstance(t, torch.Tensor)}
-        buffers.hold(name, [])
+        buffers.hold(key, [])
         for i, r in enumerate(outs):
             if isinstance(r, torch.Tensor) and StorageWeakRef(r.untyped_storage()) not in inputs:
-                buffers.allocate(name, r)
-                buffers.results.setdefault(name, []).append((i, buffers.count))
+                buffers.allocate(key, r)
+                buffers.results.setdefault(key, []).append((i, buffers.count))
 
 
 def plan(gm, example_inputs, owned=()) -> Timeline | None:

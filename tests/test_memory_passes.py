@@ -147,30 +147,78 @@ def call(self, args):
 """
 
 PARTITIONED = """
+def partition_0(args):
+    arg0_1, arg1_1 = args
+    args.clear()
+    with torch.cuda._DeviceGuard(0):
+        torch.cuda.set_device(0)
+        buf0 = empty_strided_cuda((8, 16), (16, 1), torch.float32)
+        stream0 = get_raw_stream(0)
+        triton_poi_fused_exp_0.run(arg0_1, buf0, 128, stream=stream0)
+        del arg0_1
+        buf1 = empty_strided_cuda((8, 8), (8, 1), torch.float32)
+        extern_kernels.mm(buf0, reinterpret_tensor(arg1_1, (16, 8), (1, 16), 0), out=buf1)
+        del arg1_1
+        buf9 = empty_strided_cuda((4, ), (1, ), torch.float32)
+    return (buf0, buf1, )
+
+
+def partition_1(args):
+    buf0, buf2 = args
+    args.clear()
+    with torch.cuda._DeviceGuard(0):
+        torch.cuda.set_device(0)
+        buf3 = buf0; del buf0  # reuse
+        stream0 = get_raw_stream(0)
+        triton_poi_fused_add_1.run(buf3, buf2, 128, stream=stream0)
+        del buf2
+    return (buf3, )
+
+
 class Runner:
+    def __init__(self, partitions):
+        self.partitions = partitions
+
     def call(self, args):
         arg0_1, arg1_1 = args
         args.clear()
         partition0_args = [arg0_1, arg1_1]
         del arg0_1, arg1_1
-        (buf2,) = self.partitions[0](partition0_args)
+        (buf0, buf1) = self.partitions[0](partition0_args)
         del partition0_args
-        return (buf2, )
+        buf2 = torch.ops.aten.relu.default(buf1)
+        del buf1
+        partition1_args = [buf0, buf2]
+        del buf0, buf2
+        (buf3,) = self.partitions[1](partition1_args)
+        del partition1_args
+        return (buf3, )
+
+runner = Runner(partitions=[partition_0, partition_1,])
+call = runner.call
 """
 
 
-def test_a_cuda_wrapper_is_walked_and_graph_partitions_are_not():
+def test_a_cuda_wrapper_and_its_graph_partitions_are_walked():
     """The statements a CUDA wrapper adds (device guard block, set_device, streams, copy_misaligned of an input,
-    kernel launches on a stream) allocate nothing; graph partitions' calls are not sized, so such a wrapper gives
-    no plan (the caller's liveness model is used), and neither does any `a, b = ...` assignment."""
+    kernel launches on a stream) allocate nothing. Graph partitions (Inductor's default on CUDA) are functions the
+    call hands a list of arguments: what they return lives on under the caller's names, their other locals (buf9,
+    16 B) go when they return, and an argument lives while the list, the caller's name or the partition's holds
+    it. An `a, b = ...` assignment it does not know gives no plan."""
     from sparsecc.inductor_memory import timeline
     inputs = [torch.randn(8, 16), torch.randn(8, 16)]
     plan = timeline(CUDA_WRAPPER, inputs)
     assert plan.names == ["buf0", "del arg0_1", "buf1", "buf2", "del buf0", "del buf1"]
     assert plan.live_bytes == [512, 512, 768, 768, 768, 512] and plan.peak == 768
-    assert timeline(PARTITIONED, inputs) is None
+    parts = timeline(PARTITIONED, inputs)
+    assert parts.names == ["del arg0_1, arg1_1", "partition_0:buf0", "partition_0:del arg0_1", "partition_0:buf1",
+                           "partition_0:del arg1_1", "partition_0:buf9", "del partition0_args", "buf2", "del buf1",
+                           "del buf0, buf2", "partition_1:buf3", "partition_1:del buf0", "partition_1:del buf2",
+                           "del partition1_args"]
+    assert parts.live_bytes == [0, 512, 512, 768, 768, 784, 768, 1024, 768, 768, 768, 768, 512, 512]
     assert timeline(CUDA_WRAPPER.replace("buf1 = empty_strided_cuda", "buf1, buf9 = empty_strided_cuda"),
                     inputs) is None
+    assert timeline(PARTITIONED.replace("partition_1,]", "]"), inputs) is None      # a partition it cannot find
 
 
 def test_reorder_keeps_the_order_when_the_schedule_would_raise_the_peak():
