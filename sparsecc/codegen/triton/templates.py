@@ -227,8 +227,10 @@ def block_sddmm(dtype: str, b: int, BLOCK_K: int, upcast=False, precision="ieee"
     if fma:
         step = "acc += tl.sum(gt.to(tl.float32)[:, :, None] * xs.to(tl.float32)[None, :, :], axis=1)"
     else:
-        step = f"acc += {_dot('xs', 'gt', dtype, upcast, precision) if tr else _dot('gt', 'xs', dtype, upcast, precision)}"
+        step = f"acc += {_dot(*(('xs', 'gt') if tr else ('gt', 'xs')), dtype, upcast, precision)}"
     store_t = "tl.float32" if split else TL[dtype]
+    g_tile = ("[BLOCK_K, b] g slice", "[b, BLOCK_K] g slice^T")[not tr]
+    x_tile = ("[BLOCK_N, BLOCK_K] x slice^T", "[BLOCK_K, BLOCK_N] x slice")[not tr]
     body = f"""
     t = tl.program_id(0)                                       # tile
     sp = tl.program_id(1)                                      # token chunk
@@ -252,8 +254,8 @@ def block_sddmm(dtype: str, b: int, BLOCK_K: int, upcast=False, precision="ieee"
         tt = t0 + rt
         t_ok = tt < hi
         tt = tt.to(tl.int64)
-        gt = tl.load(g + tt{ix('None', ':')} * sg0 + gcol{ix(':', 'None')}, mask={g_mask}, other=0.0)   # {'[BLOCK_K, b] g slice' if tr else '[b, BLOCK_K] g slice^T'}
-        xs = tl.load(x + tt{ix(':', 'None')} * sx0 + xcol{ix('None', ':')}, mask={x_mask}, other=0.0)   # {'[BLOCK_N, BLOCK_K] x slice^T' if tr else '[BLOCK_K, BLOCK_N] x slice'}
+        gt = tl.load(g + tt{ix('None', ':')} * sg0 + gcol{ix(':', 'None')}, mask={g_mask}, other=0.0)   # {g_tile}
+        xs = tl.load(x + tt{ix(':', 'None')} * sx0 + xcol{ix('None', ':')}, mask={x_mask}, other=0.0)   # {x_tile}
         {step}
     blk = tl.load(order + pj, mask=j_ok, other=0)              # block id of each column
     dst = out + (sp * nnzb + blk){ix('None', ':')} * {b * b} + rr{ix(':', 'None')} * {b} + (rc % {bp}){ix('None', ':')}
