@@ -1,6 +1,7 @@
 """sparsecc's generated Triton kernels on a CUDA/ROCm device, against cuBLAS dense and torch.sparse's BSR Triton ops.
 
-Per kernel: median time, TFLOP/s of the useful (nonzero) work, and speedups over
+Per kernel: median time, TFLOP/s of the useful (nonzero) work, and speedups over (a "fwd+grads" row times the
+forward, input gradient and weight gradient together, as issue 13's goals are stated)
   dense     the same product with the dense masked weight through cuBLAS/rocBLAS (torch.mm)
   bsr       torch.sparse._triton_ops (bsr_dense_mm for the products, sampled_addmm for the weight gradient),
             for block-sparse weights
@@ -50,7 +51,7 @@ def synced(steps: dict) -> dict:
 def row(label: str, work: float, t: dict, ours: str = "sparsecc", unit: str = "TFLOP/s"):
     """One table line: our time and rate (work: FLOPs, or bytes for unit TB/s), then each baseline's time and our
     speedup over it."""
-    others = "".join(f"{k:>10}{v * 1e3:9.3f} ms {v / t[ours]:6.2f}x" for k, v in t.items() if k != ours)
+    others = "".join(f" {k:>11}{v * 1e3:9.3f} ms {v / t[ours]:6.2f}x" for k, v in t.items() if k != ours)
     print(f"{label:<32}{t[ours] * 1e3:9.3f} ms {work / t[ours] / 1e12:8.2f} {unit:<8}{others}", flush=True)
 
 
@@ -82,6 +83,11 @@ def block_section(T, size, tokens, dtype, rounds):
                 "sparsecc": lambda: T.block_sddmm(g, x, rows, cols, b),
                 "dense": lambda: g.t() @ x,
                 "bsr": lambda: bsr_ops.sampled_addmm(pattern, g.t(), x, beta=0.0)}), rounds))
+            row(f"fwd+grads {name}", 3 * nnz_flops, interleaved_medians(synced({    # issue 13's goal
+                "sparsecc": lambda: (T.block_spmm(x, values, rows, cols, size),
+                                     T.block_spmm(g, values.transpose(1, 2), cols, rows, size),
+                                     T.block_sddmm(g, x, rows, cols, b)),
+                "dense": lambda: (x @ w.t(), g @ w, g.t() @ x)}), rounds))
 
 
 def available(name: str, make) -> dict:
@@ -152,6 +158,13 @@ def nm_section(T, size, tokens, dtype, rounds):
             row("input grad 2:4T tensor cores", flops, interleaved_medians(synced({
                 "sparsecc": lambda: semi_structured.mm_t(g, values2d, col2d, size), "dense": lambda: g @ w,
                 "N:M kernel": lambda: T.nm_mm_t(g, values2d, col2d, size, m=m), **semi_t}), rounds))
+            row("fwd+grads 2:4T (TC + SDDMM)", 3 * flops, interleaved_medians(synced({   # the goal
+                "sparsecc": lambda: (semi_structured.mm(x, values2d, col2d, size),
+                                     semi_structured.mm_t(g, values2d, col2d, size), T.nm_sddmm(g, x, col2d, m=m)),
+                "dense": lambda: (x @ w.t(), g @ w, g.t() @ x),
+                "N:M kernels": lambda: (T.nm_mm(x, values2d, col2d, size, m=m),
+                                        T.nm_mm_t(g, values2d, col2d, size, m=m), T.nm_sddmm(g, x, col2d, m=m))}),
+                rounds))
 
 
 def channels_section(T, size, tokens, dtype, rounds):
