@@ -182,6 +182,13 @@ def test_in_bfloat16_on_the_cpu_the_op_makes_no_float32_copy_and_the_memory_mode
     args = (h, w, None, target, "mean", -100, 0.0, None, 64, True, False)     # the hidden states' gradient
     op = torch.ops.sparsecc.linear_cross_entropy.default
     workspace = measure_peak(lambda: op(*args)) - h.numel() * 2
-    chunk, weight = 64 * 4096 * 2, 4096 * 8 * 2
-    assert chunk <= workspace <= 2 * chunk + weight + 4096, workspace     # no float32 chunk (+ 2 * chunk)
+    chunk = 64 * 4096 * 2
+
+    def extra(fn):             # what oneDNN's bf16 kernels hold beyond their result (this CPU's, measured)
+        out = []
+        return measure_peak(lambda: out.append(fn())) - out[0].numel() * 2
+    grads = torch.randn(64, 4096, generator=g).bfloat16()
+    kernels = max(extra(lambda: grads @ w), extra(lambda: torch.nn.functional.linear(h[:64], w)))
+    # one chunk of logits and the kernels' own copies; a float32 copy of the chunk would add 2 * chunk
+    assert chunk <= workspace <= chunk + kernels + 4096, (workspace, kernels)
     assert abs(kernel_workspace(op, args, {}, h.device) - workspace) <= 4096
