@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .ops import semi_structured, tuning
-from .ops.device import triton_kernels
+from .ops.device import TRITON_DTYPES, triton_kernels
 from .ops.tuning import DeviceInfo, device_info
 from .progress import say
 from .sparse_weights import SparseWeight
@@ -204,7 +204,7 @@ def unsupported(shape: LinearShape, info: DeviceInfo) -> str | None:
     where = f"on {info.name}" if info.is_gpu else "on the Triton path (SPARSECC_TRITON=1)"
     if info.triton and tuning.triton_version() is None:
         return f"kept dense: the sparse kernels {where} are generated Triton kernels and triton is not installed"
-    if info.triton and shape.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if info.triton and shape.dtype not in TRITON_DTYPES:
         return (f"kept dense: the generated Triton kernels {where} take float32/float16/bfloat16, not "
                 f"{str(shape.dtype).removeprefix('torch.')}, so the dense GEMM runs on the masked weight")
     return None
