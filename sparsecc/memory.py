@@ -162,6 +162,8 @@ def kernel_workspace(target, args, kwargs, device) -> int:
     buffers (its formula; measured once per shape for float16/bfloat16 on the CPU, where oneDNN's reduced-precision
     matmul copies an operand); for a CPU convolution and its backward, oneDNN's reordered copies of inputs, weights
     and outputs (measured once per shape: that depends on oneDNN's choice of layout); else 0."""
+    if target not in _WORKSPACE_OPS:        # every other op the Inductor-plan walker meets
+        return 0
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     measurable = device is not None and device.type == "cpu" and \
         all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride()))      # not symbolic
@@ -169,7 +171,7 @@ def kernel_workspace(target, args, kwargs, device) -> int:
         h, weight, _, _, _, _, _, cast, chunk, input_grad = args[:10]
         if not (measurable and h.dtype in (torch.float16, torch.bfloat16)):
             return linear_cross_entropy.workspace_bytes(h, weight, cast, chunk, input_grad)
-    elif target not in _MEASURED or not measurable:
+    elif not measurable:
         return 0
     spec = tuple((_TENSOR, tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
                  tuple(a) if isinstance(a, list) else a for a in args)
