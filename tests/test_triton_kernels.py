@@ -21,6 +21,7 @@ fp16 rtol 2e-3 (2 ulp; fp16's ulp is 2**-10 relative), bf16 rtol 1.6e-2 (2 ulp; 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,6 +118,44 @@ def case_block_b64_fp32():         # b >= 64: the weight-gradient tile is not tr
 @case
 def case_block_b16_bf16():
     return block_case(48, 80, 16, 37, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def tma_entries():
+    """The interpreter's table row with TMA on (an sm_90 alternative elsewhere, which the interpreter never tunes),
+    so the tensor-descriptor variants run here: the row is the test's to change, for the calls inside only."""
+    rows = [T.CONFIGS[kernel]["interpreter"] for kernel in ("block_spmm", "block_sddmm")]
+    for row in rows:
+        row["TMA"] = 1
+    try:
+        yield
+    finally:
+        for row in rows:
+            row["TMA"] = 0
+
+
+@case
+def case_block_b16_fp32_tma():      # block_sddmm has no TMA form for b < 64: its gathered, transposed tile runs
+    with tma_entries():
+        return block_case(48, 80, 16, 37, torch.float32)
+
+
+@case
+def case_block_b32_fp16_tma_one_row():
+    with tma_entries():
+        return block_case(64, 96, 32, 1, torch.float16)
+
+
+@case
+def case_block_b64_bf16_tma_split():    # 70 tokens: a ragged last step, read past N as zeros by the descriptors
+    with tma_entries():
+        return block_case(128, 192, 64, 70, torch.bfloat16)
+
+
+@case
+def case_block_b12_fp32_tma_padded():   # not a power of two: no TMA form, the gathered kernels run
+    with tma_entries():
+        return block_case(36, 60, 12, 19, torch.float32)
 
 
 # --- CSR (unstructured): forward, input gradient on W^T's CSR through t_perm, gW at the nonzeros -------------------
@@ -500,16 +539,21 @@ def test_production_variants_compile_fit_and_do_not_spill(target, compiled, prod
 def test_block_kernels_run_on_hoppers_warpgroup_mma_with_pipelined_loads(compiled, production_plans):
     """On sm_90 every 16-bit block-sparse variant at a model's sizes (each tuning candidate, b = 16 ... 128) lowers
     its tl.dot to wgmma, not Ampere's mma.sync (which needs no M >= 64 edge: the transposed weight-gradient tile of
-    b < 64 is what gives it one), and software-pipelines its loads (cp.async). Compiled already: Triton's cache."""
+    b < 64 is what gives it one), and software-pipelines its loads (cp.async; the TMA candidates' tiles through
+    cp.async.bulk.tensor). Compiled already: Triton's cache."""
     from sparsecc.codegen.triton import aot
     sources = [s for s in production_plans["sm_90"] if s.op in ("block_spmm", "block_sddmm")
                and re.search(r"_(bf16|fp16)_", s.name) and not compiled[s.name, "sm_90"]]
     assert {int(re.search(r"_b(\d+)_", s.name).group(1)) for s in sources} >= {16, 32, 64, 128}
     assert {s.op for s in sources} == {"block_spmm", "block_sddmm"}
+    assert {s.op for s in sources if s.scratch} == {"block_spmm", "block_sddmm"}, "TMA candidates of both"
     for s in sources:
         ptx = aot.aot_compile(generate(s), "sm_90").asm["ptx"]
         assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, s.name
-        assert re.search(r"cp\.async\.c[ag]", ptx), s.name
+        if s.scratch:                       # the operand tiles arrive by the Tensor Memory Accelerator
+            assert "cp.async.bulk.tensor" in ptx and "_tma" in s.name, s.name
+        else:
+            assert re.search(r"cp\.async\.c[ag]", ptx) and "cp.async.bulk.tensor" not in ptx, s.name
 
 
 def test_aot_rejects_a_spilling_variant_and_reads_resources():
@@ -530,10 +574,12 @@ def test_aot_rejects_a_spilling_variant_and_reads_resources():
 def test_interpreter_ran_split_k_and_multi_block_steps(interpreter):
     """The interpreted cases reach every branch of the block kernels: several blocks per K step (KB > 1), several
     blocks per weight-gradient tile (NB > 1), split-K with its fp32 workspace, padded blocks, FMA blocks, and the
-    weight-gradient tile computed transposed (b < 64) and not (b = 64)."""
+    weight-gradient tile computed transposed (b < 64) and not (b = 64), and the tensor-descriptor (TMA) forms."""
     names = " ".join(interpreter.results()["kernels"])
-    for part in ("_KB2", "_NB2", "_split", "block_spmm_fp32_b12", "_fma", "_vt", "_tr", "block_sddmm_fp32_b64"):
+    for part in ("_KB2", "_NB2", "_split", "block_spmm_fp32_b12", "_fma", "_vt", "_tr", "block_sddmm_fp32_b64",
+                 "block_spmm_fp16_b32_BM16_KB1_G2_vt_tma", "block_sddmm_bf16_b64_BK16_NB1_split_tma"):
         assert part in names, part
+    assert not re.search(r"block_sddmm_\w+_b(16|32)_\w*_tma|_b12_\w*_tma", names), "no TMA form there"
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -587,7 +633,9 @@ def test_configs_cover_every_kernel_and_target():
     assert T.configs.candidates("block_spmm", "interpreter", BLOCK_M=4096) == [T.config("block_spmm", "interpreter")]
     assert len(T.configs.candidates("block_spmm", "sm_90", BLOCK_M=16)) == 1
     big = T.configs.candidates("block_spmm", "sm_90", BLOCK_M=4096)
-    assert big[0] == T.config("block_spmm", "sm_90") and 2 <= len(big) <= 4
+    assert big[0] == T.config("block_spmm", "sm_90") and 2 <= len(big) <= 5
+    assert sum(c["TMA"] for c in big) == 2 and not any(c["TMA"] for c in T.configs.candidates(
+        "block_spmm", "sm_80", BLOCK_M=4096)), "tensor descriptors: sm_90 alternatives only"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ num_stages; programs are launched in groups of GROUP_M token tiles (L2 reuse of 
 block_sddmm's tile is [b, BLOCK_N] (BLOCK_N // b blocks of one block-row sharing their g slice; computed as its
 transpose [BLOCK_N, b] for b < 64, so that tl.dot's M edge is BLOCK_N: Hopper's wgmma needs 64), BLOCK_K tokens
 per step, split over the tokens (split-K, fp32 partials summed once) when there are too few tiles to fill the GPU.
+Both have a TMA form (key TMA: operand tiles loaded through Hopper's tensor descriptors, one block per step or
+tile), tuned as sm_90 alternatives.
 
 Tile keys follow the GEMM convention of each kernel's output tile [BLOCK_M, BLOCK_N] and its reduction step
 BLOCK_K; each kernel's template says what its rows, columns and reduction are. Shape classes shrink a tile edge
@@ -50,12 +52,14 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # Its K-loop's loads depend on a loaded index (the block's column), which takes stages of their own: the
     # compiled kernels keep fewer tiles in flight than num_stages - 1 (b=64, 128-token tiles: sm_90 5 stages ->
     # 3 buffers, 4 -> 2; sm_80 5 -> 2, 4 -> 1; gfx942 4 -> 2), hence the deeper settings.
-    "block_spmm": _table((128, 64, 8, 4, 5), (64, 32, 8, 4, 5), (128, 64, 8, 8, 5), (128, 64, 8, 4, 4),
-                         (16, 32, 2, 4, 2), keys=("BLOCK_M", "BLOCK_K", "GROUP_M")),
+    # TMA: 1 loads the operands through tensor descriptors (Hopper's Tensor Memory Accelerator; one block per step,
+    # so BLOCK_K is b), where the block size and alignment allow it (templates.block_spmm); an sm_90 alternative.
+    "block_spmm": _table((128, 64, 8, 0, 4, 5), (64, 32, 8, 0, 4, 5), (128, 64, 8, 0, 8, 5), (128, 64, 8, 0, 4, 4),
+                         (16, 32, 2, 0, 4, 2), keys=("BLOCK_M", "BLOCK_K", "GROUP_M", "TMA")),
     # block_sddmm: output tile [b, BLOCK_N] (BLOCK_N // b blocks of one block-row; [BLOCK_N, b] for b < 64);
-    # BLOCK_K tokens per step.
-    "block_sddmm": _table((64, 128, 4, 3), (32, 64, 4, 2), (64, 128, 4, 4), (32, 64, 4, 2), (16, 32, 4, 2),
-                          keys=("BLOCK_K", "BLOCK_N")),
+    # BLOCK_K tokens per step. TMA: as for block_spmm (one block per tile, b >= 64, so the tile is wgmma's).
+    "block_sddmm": _table((64, 128, 0, 4, 3), (32, 64, 0, 4, 2), (64, 128, 0, 4, 4), (32, 64, 0, 4, 2),
+                          (16, 32, 0, 4, 2), keys=("BLOCK_K", "BLOCK_N", "TMA")),
     # csr_spmm (row-split): output [BLOCK_N tokens] of one sparse row, read from the transposed dense operand;
     # BLOCK_K nonzeros of the row per step.
     "csr_spmm": _table((256, 16, 4, 1), (128, 16, 4, 1), (256, 16, 4, 1), (256, 16, 4, 1), (16, 16, 1, 1),
@@ -114,19 +118,20 @@ FMA_CAPS = {"nm_mm": _NM_FMA, "nm_mm_t": _NM_FMA, "nm_sddmm": _NM_FMA,
 # the kernel's CONFIGS row. Chosen from GPU GEMM practice: 64-256-row token tiles, 4-8 warps, 2-5 stages (Hopper
 # has the shared memory for more stages than Ampere; Triton's AMD pipeliner is tuned for 2).
 _ALTERNATIVES = {
-    "block_spmm": {"sm_80": [(64, 64, 8, 4, 6), (128, 64, 8, 8, 5)],
-                   "sm_87": [(32, 32, 4, 4, 5)],
-                   "sm_90": [(128, 64, 8, 4, 6), (256, 64, 8, 8, 4)],
-                   "gfx942": [(64, 64, 8, 4, 4), (128, 64, 8, 8, 4)]},
-    "block_sddmm": {"sm_80": [(64, 64, 4, 3), (32, 128, 4, 4)],
-                    "sm_87": [(64, 64, 4, 2)],
-                    "sm_90": [(64, 64, 4, 4), (128, 128, 8, 3)],
-                    "gfx942": [(64, 64, 4, 2), (32, 128, 4, 2)]},
+    "block_spmm": {"sm_80": [(64, 64, 8, 0, 4, 6), (128, 64, 8, 0, 8, 5)],
+                   "sm_87": [(32, 32, 4, 0, 4, 5)],
+                   "sm_90": [(128, 64, 8, 0, 4, 6), (256, 64, 8, 0, 8, 4), (128, 64, 8, 1, 8, 5),
+                             (256, 64, 8, 1, 8, 4)],
+                   "gfx942": [(64, 64, 8, 0, 4, 4), (128, 64, 8, 0, 8, 4)]},
+    "block_sddmm": {"sm_80": [(64, 64, 0, 4, 3), (32, 128, 0, 4, 4)],
+                    "sm_87": [(64, 64, 0, 4, 2)],
+                    "sm_90": [(64, 64, 0, 4, 4), (128, 128, 0, 8, 3), (64, 64, 1, 4, 5), (128, 64, 1, 4, 4)],
+                    "gfx942": [(64, 64, 0, 4, 2), (32, 128, 0, 4, 2)]},
     "csr_spmm": {t: [(128, 32, 4, 1)] for t in ("sm_80", "sm_90", "gfx942")},
     "csr_sddmm": {t: [(32, 128, 4, 1)] for t in ("sm_80", "sm_90", "gfx942")},
 }
 TUNING: dict[str, dict[str, list[dict[str, int]]]] = {
-    kernel: {target: [dict(zip([k for k in CONFIGS[kernel][target] if k.startswith("BLOCK_") or k == "GROUP_M"],
+    kernel: {target: [dict(zip([k for k in CONFIGS[kernel][target] if k not in ("num_warps", "num_stages")],
                                alt[:-2]), num_warps=alt[-2], num_stages=alt[-1]) for alt in alts]
              for target, alts in rows.items()}
     for kernel, rows in _ALTERNATIVES.items()}

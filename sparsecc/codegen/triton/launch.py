@@ -86,15 +86,23 @@ def _run(source: templates.Source, grid: tuple[int, ...], args: tuple, cfg: dict
         _planning[1].append(dataclasses.replace(source, num_warps=source.num_warps or cfg["num_warps"],
                                                 num_stages=source.num_stages or cfg["num_stages"]))
         return
+    if source.scratch:               # device-side tensor descriptors live in global scratch memory that Triton asks
+        triton.set_allocator(_scratch)   # for at launch (the allocator is per thread: autograd's backward has its own)
     generate(source).fn[grid](*args, num_warps=source.num_warps or cfg["num_warps"],
                               num_stages=source.num_stages or cfg["num_stages"])
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's global-scratch allocator: bytes from torch's caching allocator on the current device."""
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
 
 
 def _tuned(target: str, device: torch.device, key: str, variants: list[tuple[templates.Source, dict]], run):
     """Run the fastest of the variants (source, config) for this call: run(source, cfg) launches one and returns
     the result. Planning records every variant's source (the interpreter's: the first) and launches nothing; on a
     GPU the autotuner picks (tune.pick: timed once per device and tuning key, then cached); else the first."""
-    if _planning is not None:
+    variants = list({src.name: (src, cfg) for src, cfg in variants}.values())   # e.g. a TMA candidate that cannot
+    if _planning is not None:                                                     # use TMA here is another's twin
         _planning[1].extend(src for src, _ in (variants[:1] if target == "interpreter" else variants))
         return None
     if target == "interpreter" or device.type != "cuda":
@@ -158,6 +166,15 @@ def _rows_first(dst: torch.Tensor, src: torch.Tensor, n_rows: int):
     return ptr, order, _index(src)[order], heaviest
 
 
+def _tma_ok(b: int, smallest: int, aligned: bool, target: str, variant: dict) -> bool:
+    """Whether a block kernel loads its operands through tensor descriptors: blocks of a power-of-two size of at
+    least `smallest` (below it a tile has no edge of 64 for Hopper's wgmma), operands aligned as TMA needs (16-byte
+    base and row strides), and a tensor-core dot on a GPU (fp32 "ieee" dots run on the FMA units from registers,
+    where a whole b x b block per step spills)."""
+    fma_dot = target != "interpreter" and variant["dtype"] == "fp32" and variant["precision"] == "ieee"
+    return aligned and b >= smallest and next_pow2(b) == b and not fma_dot
+
+
 def _aligned(*tensors: torch.Tensor) -> bool:
     """Whether Triton specialises a kernel on these operands as aligned: 16-byte aligned data and row strides that
     are multiples of 16 elements (then loads vectorise and pipeline; otherwise the launchers take smaller tiles)."""
@@ -186,18 +203,22 @@ def block_spmm(x: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, src: to
     aligned = target == "interpreter" or _aligned(x, v)
 
     def variant_of(cfg):
+        cfg = dict(cfg, TMA=int(cfg["TMA"] and _tma_ok(b, 16, aligned, target, variant)))
+        if cfg["TMA"]:
+            cfg["BLOCK_K"] = b              # one block per step
         cfg = fit(cfg, target, "BLOCK_M", max(cfg["BLOCK_K"], next_pow2(b)), next_pow2(b), elt,
                   fma_dot=variant["dtype"] == "fp32" and variant["precision"] == "ieee")
         if not aligned:                     # unvectorised, unpipelined loads hold more registers: smaller tiles
             cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), num_stages=1)
         return templates.block_spmm(b=b, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-                                    values_t=values_t, aligned=aligned, num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"], **variant), cfg
+                                    values_t=values_t, tma=bool(cfg["TMA"]), aligned=aligned,
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **variant), cfg
 
     def run(source, cfg):
         y = x.new_empty(n, n_dst)
         _run(source, (triton.cdiv(n, cfg["BLOCK_M"]) * n_rows,),
-             (x, v, y, ptr, order, src_sorted, heaviest, n, n_rows, x.stride(0), y.stride(0)), cfg)
+             (x, v, y, ptr, order, src_sorted, heaviest, n, n_rows, x.stride(0), y.stride(0), x.shape[1],
+              v.shape[0]), cfg)
         return y
 
     variants = [variant_of(c) for c in candidates("block_spmm", target, BLOCK_M=n)]
@@ -274,7 +295,10 @@ def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
     aligned = target == "interpreter" or _aligned(g, x)
 
     def variant_of(cfg):
-        cfg = _fit_sddmm(dict(cfg), target, bp, elt, variant["dtype"] == "fp32" and variant["precision"] == "ieee")
+        cfg = dict(cfg, TMA=int(cfg["TMA"] and _tma_ok(b, 64, aligned, target, variant)))
+        if cfg["TMA"]:
+            cfg["BLOCK_N"] = b              # one block per tile
+        cfg = _fit_sddmm(cfg, target, bp, elt, variant["dtype"] == "fp32" and variant["precision"] == "ieee")
         if not aligned:                     # unvectorised, unpipelined loads hold more registers: smaller tiles
             cfg.update(BLOCK_N=min(cfg["BLOCK_N"], max(64, bp)), num_stages=1)
         nb = 1 if bp < 16 else max(1, cfg["BLOCK_N"] // bp)
@@ -286,7 +310,7 @@ def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
         splits = triton.cdiv(n, chunk)
         cfg.update(NB=nb, splits=splits, chunk=chunk)
         return templates.block_sddmm(b=b, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], split=splits > 1,
-                                     aligned=aligned, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                     tma=bool(cfg["TMA"]), aligned=aligned, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                                      **variant), cfg
 
     def run(source, cfg):
@@ -296,7 +320,8 @@ def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
         out = torch.empty(splits, nnzb, b, b, dtype=torch.float32, device=x.device) if splits > 1 else \
             x.new_empty(nnzb, b, b)
         _run(source, (t_row.shape[0], splits),
-             (g, x, out, t_row, t_start, t_end, order, cols_sorted, n, cfg["chunk"], nnzb, g.stride(0), x.stride(0)),
+             (g, x, out, t_row, t_start, t_end, order, cols_sorted, n, cfg["chunk"], nnzb, g.stride(0), x.stride(0),
+              g.shape[1], x.shape[1]),
              cfg)
         return out.sum(0).to(x.dtype) if splits > 1 else out
 
