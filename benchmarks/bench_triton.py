@@ -9,7 +9,9 @@ forward, input gradient and weight gradient together, as issue 13's goals are st
   2:4       torch.sparse's semi-structured 2:4 tensor (sparse tensor cores) for the 2:4 forward, where the GPU
             and the shape support it
 Block-sparse kernels are autotuned at their first call per shape class (a few configurations timed once, cached in
-$SPARSECC_CACHE_DIR/triton/tuning-*.json); the warm-up steps include that. The N:M section also times sparsecc's 2:4
+$SPARSECC_CACHE_DIR/triton/tuning-*.json); the warm-up steps include that. "op" rows time the sparsecc:: ops graphs
+call, whose weight gradient is the SDDMM kernel or cuBLAS's dense GEMM with the kept entries gathered, whichever
+measured faster at the op's first call; "fwd+grads" rows time the ops. The N:M section also times sparsecc's 2:4
 sparse-tensor-core path (forward; input gradient of a transposable 2:4 weight), which compresses W at every call.
 The Channels weight gradient is compared with a gathered slice fed to torch.mm, as the generated kernel and as the
 sparsecc op graphs call (the kernel or slice + cuBLAS, whichever the cost model measured faster); the fused
@@ -83,10 +85,14 @@ def block_section(T, size, tokens, dtype, rounds):
                 "sparsecc": lambda: T.block_sddmm(g, x, rows, cols, b),
                 "dense": lambda: g.t() @ x,
                 "bsr": lambda: bsr_ops.sampled_addmm(pattern, g.t(), x, beta=0.0)}), rounds))
+            op = torch.ops.sparsecc            # what graphs call: the weight gradient as kernel or GEMM + gather
+            row(f"weight grad op {name}", nnz_flops, interleaved_medians(synced({
+                "sparsecc": lambda: op.block_sddmm(g, x, rows, cols, b),
+                "kernel": lambda: T.block_sddmm(g, x, rows, cols, b), "dense": lambda: g.t() @ x}), rounds))
             row(f"fwd+grads {name}", 3 * nnz_flops, interleaved_medians(synced({    # issue 13's goal
-                "sparsecc": lambda: (T.block_spmm(x, values, rows, cols, size),
-                                     T.block_spmm(g, values.transpose(1, 2), cols, rows, size),
-                                     T.block_sddmm(g, x, rows, cols, b)),
+                "sparsecc": lambda: (op.block_sparse_mm(x, values, rows, cols, size),
+                                     op.block_sparse_mm_t(g, values, rows, cols, size),
+                                     op.block_sddmm(g, x, rows, cols, b)),
                 "dense": lambda: (x @ w.t(), g @ w, g.t() @ x)}), rounds))
 
 
@@ -145,6 +151,10 @@ def nm_section(T, size, tokens, dtype, rounds):
             "sparsecc": lambda: T.nm_mm_t(g, values2d, col2d, size, m=m), "dense": lambda: g @ w}), rounds))
         row(f"weight grad {n}:{m}", flops, interleaved_medians(synced({
             "sparsecc": lambda: T.nm_sddmm(g, x, col2d, m=m), "dense": lambda: g.t() @ x}), rounds))
+        op_wgrad = partial(torch.ops.sparsecc.nm_sddmm, g, x, i["crow"], i["col"], m)   # kernel or GEMM + gather
+        row(f"weight grad op {n}:{m}", flops, interleaved_medians(synced({
+            "sparsecc": op_wgrad, "kernel": lambda: T.nm_sddmm(g, x, col2d, m=m), "dense": lambda: g.t() @ x}),
+            rounds))
         if (n, m) == (2, 4):               # sparsecc's sparse-tensor-core path (compresses W at every call)
             from sparsecc.ops import semi_structured
             usable, why = semi_structured.available(x.device, dtype)
@@ -158,10 +168,12 @@ def nm_section(T, size, tokens, dtype, rounds):
             row("input grad 2:4T tensor cores", flops, interleaved_medians(synced({
                 "sparsecc": lambda: semi_structured.mm_t(g, values2d, col2d, size), "dense": lambda: g @ w,
                 "N:M kernel": lambda: T.nm_mm_t(g, values2d, col2d, size, m=m), **semi_t}), rounds))
-            row("fwd+grads 2:4T (TC + SDDMM)", 3 * flops, interleaved_medians(synced({   # the goal
+            row("fwd+grads 2:4T (TC + wgrad op)", 3 * flops, interleaved_medians(synced({   # the goal
                 "sparsecc": lambda: (semi_structured.mm(x, values2d, col2d, size),
-                                     semi_structured.mm_t(g, values2d, col2d, size), T.nm_sddmm(g, x, col2d, m=m)),
+                                     semi_structured.mm_t(g, values2d, col2d, size), op_wgrad()),
                 "dense": lambda: (x @ w.t(), g @ w, g.t() @ x),
+                "TC + SDDMM": lambda: (semi_structured.mm(x, values2d, col2d, size),
+                                       semi_structured.mm_t(g, values2d, col2d, size), T.nm_sddmm(g, x, col2d, m=m)),
                 "N:M kernels": lambda: (T.nm_mm(x, values2d, col2d, size, m=m),
                                         T.nm_mm_t(g, values2d, col2d, size, m=m), T.nm_sddmm(g, x, col2d, m=m))}),
                 rounds))

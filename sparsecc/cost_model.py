@@ -19,8 +19,10 @@ no triton installed. N:M weights on the Triton path are timed on their own kerne
 2:4 in float16/bfloat16 on a GPU with sparse tensor cores, on those (torch's semi-structured sparsity: forward,
 and the input gradient too for NM(2, 4, transposable=True)); the faster is recorded (nm_choice) and the N:M ops use
 it (ops/tuning.py, which holds the timers and the cache files too); where sparse tensor cores cannot run, the
-reason is part of the decision's text. The Channels weight gradient chooses between the generated kernel and the
-gathered slice + cuBLAS the same way, per shape (ops/tuning.py's channels_choice).
+reason is part of the decision's text. On a GPU the weight gradient of every sparse format runs the generated
+SDDMM kernel or the dense GEMM with the kept entries gathered from it, whichever measured faster for the shape
+(ops/tuning.py's sddmm_choice, measured within the sparse timing here); the Channels weight gradient chooses
+between the generated kernel and the gathered slice + cuBLAS the same way (channels_choice).
 """
 from __future__ import annotations
 
@@ -154,8 +156,8 @@ def _sparse_steps(shape: LinearShape, sw, values, x, g, impl: str = "ell"):
     bwd = (lambda: semi_structured.mm_t(g, values2d, col2d, shape.inp)) if impl == "semiT" else \
         (lambda: T.nm_mm_t(g, values2d, col2d, shape.inp, m=m))
 
-    def sparse():
-        fwd(), bwd(), T.nm_sddmm(g, x, col2d, m=m)
+    def sparse():                   # the weight gradient as the op runs it: SDDMM kernel or GEMM + gather
+        fwd(), bwd(), torch.ops.sparsecc.nm_sddmm(g, x, i["crow"], i["col"], m)
     return sparse
 
 
@@ -211,7 +213,7 @@ def unsupported(shape: LinearShape, info: DeviceInfo) -> str | None:
 
 
 _IMPLS = {"ell": "generated N:M kernels", "semi": "2:4 sparse tensor cores forward, generated N:M kernels backward",
-          "semiT": "2:4 sparse tensor cores forward and input gradient, generated SDDMM weight gradient"}
+          "semiT": "2:4 sparse tensor cores forward and input gradient"}
 
 
 

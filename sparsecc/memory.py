@@ -4,12 +4,12 @@ The model walks the graph in execution order: a node's output is allocated when 
 its last use; views, in-place writes (ops whose schema says the result aliases an input) and getitem share
 their base's storage; graph inputs are resident and not counted; graph outputs stay live to the end.
 An op's kernel may hold more while it runs (kernel_workspace: sparsecc::linear_cross_entropy's chunks by
-formula, oneDNN's reordered copies in a CPU convolution measured once per shape). This is the eager executor's
-model (within 0.1-3 % of the measurement on the test and benchmark models). For Inductor, compiled steps are
-counted from the wrapper Inductor generates (inductor_memory.py); fused=True is the fallback where that wrapper
-cannot be followed, and models two of Inductor's habits: a pointwise value read only by pointwise ops is
-computed inside their kernels and never stored, and a pointwise kernel writes its result into an input of the
-same size that dies there.
+formula, oneDNN's reordered copies in a CPU convolution measured once per shape, the dense gradient of a weight
+gradient that runs as a GEMM + gather on a GPU). This is the eager executor's model (within 0.1-3 % of the
+measurement on the test and benchmark models). For Inductor, compiled steps are counted from the wrapper Inductor
+generates (inductor_memory.py); fused=True is the fallback where that wrapper cannot be followed, and models two
+of Inductor's habits: a pointwise value read only by pointwise ops is computed inside their kernels and never
+stored, and a pointwise kernel writes its result into an input of the same size that dies there.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.profiler import ProfilerActivity, profile
 
 from ._torch import memory_timeline
-from .ops import linear_cross_entropy
+from .ops import linear_cross_entropy, tuning
 from .graph import nbytes
 
 
@@ -161,9 +161,17 @@ def kernel_workspace(target, args, kwargs, device) -> int:
     """Memory an op's kernel holds only while it runs, beyond its outputs: sparsecc::linear_cross_entropy's chunk
     buffers (its formula; measured once per shape for float16/bfloat16 on the CPU, where oneDNN's reduced-precision
     matmul copies an operand); for a CPU convolution and its backward, oneDNN's reordered copies of inputs, weights
-    and outputs (measured once per shape: that depends on oneDNN's choice of layout); else 0."""
+    and outputs (measured once per shape: that depends on oneDNN's choice of layout); a sparse weight gradient that
+    runs as the dense GEMM + gather on this GPU (as measured there: ops/tuning.sddmm_choice), the dense [out, in]
+    gradient; else 0."""
     if target not in _WORKSPACE_OPS:        # every other op the Inductor-plan walker meets
         return 0
+    if target in _SDDMM_OPS:
+        g, x = args[:2]
+        key = tuning.sddmm_key(_SDDMM_OPS[target], *args)
+        gemm = device is not None and tuning.fastest_known(device, key) == "gemm"
+        rows = args[3].shape[0] * 8 if target is torch.ops.sparsecc.csr_sddmm.default else 0   # each nonzero's row
+        return g.shape[1] * x.shape[1] * x.element_size() + rows if gemm else 0
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     measurable = device is not None and device.type == "cpu" and \
         all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride()))      # not symbolic
@@ -181,7 +189,9 @@ def kernel_workspace(target, args, kwargs, device) -> int:
 
 _MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 _TENSOR = "tensor"      # marks a tensor's (shape, stride, dtype) in a measured op's cache key
-_WORKSPACE_OPS = (torch.ops.sparsecc.linear_cross_entropy.default, *_MEASURED)
+_SDDMM_OPS = {torch.ops.sparsecc.block_sddmm.default: "block_sddmm", torch.ops.sparsecc.nm_sddmm.default: "nm_sddmm",
+              torch.ops.sparsecc.csr_sddmm.default: "csr_sddmm"}
+_WORKSPACE_OPS = (torch.ops.sparsecc.linear_cross_entropy.default, *_MEASURED, *_SDDMM_OPS)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import sparsecc
 from models import make
 from sparsecc.ops import tuning
+from sparsecc.sparse_weights import SparseWeight
 
 pytest.importorskip("triton")
 
@@ -316,6 +317,76 @@ def test_backend_hands_the_parameters_device_and_nm_patterns_to_the_cost_model(m
 def test_channels_weight_grad_takes_the_kernel_off_the_gpu():
     g, x = torch.randn(8, 4), torch.randn(8, 6)
     assert tuning.channels_choice(g, x, 3, "in", lambda: pytest.fail(), lambda: pytest.fail()) == "kernel"
+    assert tuning.sddmm_choice("csr_sddmm", (g, x, None, torch.zeros(5)), lambda: pytest.fail(),
+                               lambda: pytest.fail()) == "kernel"
+
+
+def test_fastest_times_each_way_once_per_device_and_remembers_it_on_disk(monkeypatch, tmp_path):
+    """On a GPU (faked: its setup and timer) fastest() times every option at the first call of a key, keeps the
+    fastest in the device's measurement file, and answers from memory, then from the file (fastest_known too)."""
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    fake = tuning.DeviceInfo("cuda:0", "FakeGPU", (9, 0), True, "FakeGPU-cc90-torchX-tritonY")
+    monkeypatch.setattr(tuning, "device_info", lambda device=None: fake)
+    monkeypatch.setattr(tuning, "gpu_median_ms", lambda fn, device, budget: fn())
+    monkeypatch.setattr(tuning, "_FASTEST", {})
+    cuda, key = torch.device("cuda"), "block_sddmm 4096x4096x4096 b64 nnz=409 bfloat16"
+    assert tuning.fastest_known(cuda, key) is None
+    assert tuning.fastest(cuda, key, {"kernel": lambda: 0.30, "gemm": lambda: 0.25}) == "gemm"
+    assert json.loads(tuning.cache_file(fake).read_text())[key] == {"kernel": 0.30, "gemm": 0.25}
+    assert tuning.fastest(cuda, key, {"kernel": pytest.fail, "gemm": pytest.fail}) == "gemm"   # from memory
+    monkeypatch.setattr(tuning, "_FASTEST", {})                                             # a new process
+    assert tuning.fastest_known(cuda, key) == "gemm"
+    assert tuning.fastest(cuda, key, {"kernel": pytest.fail, "gemm": pytest.fail}) == "gemm"   # from the file
+    assert tuning.fastest_known(torch.device("cpu"), key) is None
+
+
+def _sparse_weight(pattern, out=24, inp=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=gen)
+    mask = pattern.mask(w)
+    sw = SparseWeight.create("w", pattern, mask, torch.float32)
+    return sw.index, mask, torch.randn(10, out, generator=gen), torch.randn(10, inp, generator=gen)
+
+
+@pytest.mark.parametrize("pattern", [sparsecc.Blocks(8, 0.5), sparsecc.NM(2, 4), sparsecc.Unstructured(0.3)],
+                         ids=["blocks", "nm", "csr"])
+def test_weight_gradient_as_dense_gemm_and_gather_keeps_the_entries_in_the_kernels_order(pattern, monkeypatch):
+    """The GPU's other way to a sparse weight gradient (cuBLAS's g^T @ x, the kept entries gathered) returns the
+    entries in the order the SDDMM kernels do: the dense gradient at the support, in the format's value order."""
+    from sparsecc.ops import block_sparse, csr
+    index, mask, g, x = _sparse_weight(pattern)
+    ops = torch.ops.sparsecc
+    if isinstance(pattern, sparsecc.Blocks):
+        call = lambda: ops.block_sddmm(g, x, index["rows"], index["cols"], 8)   # noqa: E731
+        want = block_sparse.to_blocks(g.t() @ x, mask, 8)[0]
+    else:
+        call = (lambda: ops.nm_sddmm(g, x, index["crow"], index["col"], 4)) if isinstance(pattern, sparsecc.NM) \
+            else (lambda: ops.csr_sddmm(g, x, index["crow"], index["col"]))
+        want = (g.t() @ x).flatten()[index["flat"]]
+    for module in (block_sparse, csr):
+        monkeypatch.setattr(module, "use_triton", lambda t: True)      # the Triton path's dispatch, on the CPU
+    monkeypatch.setattr(tuning, "fastest", lambda device, key, options: "gemm")
+    torch.testing.assert_close(call(), want)
+
+
+def test_memory_model_counts_the_dense_gradient_of_a_gemm_weight_gradient(monkeypatch):
+    """kernel_workspace: a weight gradient measured faster as GEMM + gather on a GPU holds the dense [out, in]
+    gradient while it runs (and CSR's row of each nonzero); the SDDMM kernel, or no measurement yet, nothing."""
+    from sparsecc import memory
+    index, mask, g, x = _sparse_weight(sparsecc.Unstructured(0.3))
+    args = (g.bfloat16(), x.bfloat16(), index["crow"], index["col"])
+    cuda, op = torch.device("cuda"), torch.ops.sparsecc.csr_sddmm.default
+    choice = {}
+    monkeypatch.setattr(tuning, "fastest_known", lambda device, key: choice.get(key))
+    assert memory.kernel_workspace(op, args, {}, cuda) == 0
+    choice[tuning.sddmm_key("csr_sddmm", *args)] = "gemm"
+    assert memory.kernel_workspace(op, args, {}, cuda) == 24 * 32 * 2 + index["col"].shape[0] * 8
+    choice[tuning.sddmm_key("csr_sddmm", *args)] = "kernel"
+    assert memory.kernel_workspace(op, args, {}, cuda) == 0
+    blocks, _, _, _ = _sparse_weight(sparsecc.Blocks(8, 0.5))
+    args = (g, x, blocks["rows"], blocks["cols"], 8)
+    choice[tuning.sddmm_key("block_sddmm", *args)] = "gemm"
+    assert memory.kernel_workspace(torch.ops.sparsecc.block_sddmm.default, args, {}, cuda) == 24 * 32 * 4
 
 
 def test_autotuner_times_each_candidate_once_and_keeps_the_fastest_on_disk(monkeypatch, tmp_path, capsys):

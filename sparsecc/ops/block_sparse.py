@@ -10,14 +10,16 @@ The ops, each with a fake (shape) implementation:
     block_sddmm(g, x, rows, cols, b)                gW = (g^T @ x) at the blocks only (the weight gradient)
 block_sparse_mm has an autograd formula made of the other two, so pruned entries never receive a gradient.
 The CPU kernels run one small GEMM per kept block on strided views of the dense operands, so work and
-memory traffic are proportional to the kept blocks.
+memory traffic are proportional to the kept blocks. On a GPU the weight gradient runs the generated SDDMM kernel or
+cuBLAS's dense GEMM with the kept blocks gathered from it, whichever measured faster for the shape
+(tuning.sddmm_choice; the N:M and CSR weight gradients choose the same way).
 """
 from __future__ import annotations
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from . import native
+from . import native, tuning
 from .device import triton_kernels, use_triton
 
 
@@ -81,7 +83,13 @@ def block_sparse_mm_t(g: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
 @torch.library.custom_op("sparsecc::block_sddmm", mutates_args=())
 def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int) -> torch.Tensor:
     if use_triton(g):
-        return triton_kernels().block_sddmm(g, x, rows, cols, b)
+        def kernel():
+            return triton_kernels().block_sddmm(g, x, rows, cols, b)
+
+        def gemm():                 # the dense GEMM and a gather of the kept blocks
+            return block_values(g.t() @ x, rows, cols, b)
+        return gemm() if tuning.sddmm_choice("block_sddmm", (g, x, rows, cols, b), kernel, gemm) == "gemm" \
+            else kernel()
     if native.usable(g):
         return native.block_sddmm(g, x, rows, cols, b)
     out = g.new_empty(rows.shape[0], b, b)

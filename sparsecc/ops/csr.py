@@ -79,11 +79,21 @@ def csr_mm_t(g: torch.Tensor, values: torch.Tensor, t_crow: torch.Tensor, t_col:
 def _sddmm(g, x, crow, col):
     """vals [nnz]: (g^T @ x) at the nonzeros of the CSR structure (crow, col)."""
     if use_triton(x):
-        return triton_kernels().csr_sddmm(g, x, crow, col)
+        def kernel():
+            return triton_kernels().csr_sddmm(g, x, crow, col)
+        if tuning.sddmm_choice("csr_sddmm", (g, x, crow, col), kernel, lambda: _gemm_sddmm(g, x, crow, col)) == "gemm":
+            return _gemm_sddmm(g, x, crow, col)
+        return kernel()
     if native.usable(x):
         return native.csr_sddmm(g, x, crow, col)
     pattern = _sparse(crow, col, x.new_ones(col.shape[0]), (g.shape[1], x.shape[1]))
     return torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x.contiguous(), beta=0.0).values().clone()
+
+
+def _gemm_sddmm(g, x, crow, col):
+    """_sddmm through the dense GEMM g^T @ x (cuBLAS on a GPU) and a gather of the nonzeros."""
+    rows = torch.repeat_interleave(torch.arange(g.shape[1], device=g.device), crow.diff(), output_size=col.shape[0])
+    return (g.t() @ x)[rows, col]
 
 
 @torch.library.custom_op("sparsecc::csr_sddmm", mutates_args=())
@@ -129,7 +139,14 @@ def nm_mm_t(g: torch.Tensor, values: torch.Tensor, col: torch.Tensor, t_crow: to
 @torch.library.custom_op("sparsecc::nm_sddmm", mutates_args=())
 def nm_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, m: int) -> torch.Tensor:
     if use_triton(x):
-        return triton_kernels().nm_sddmm(g, x, _ell(col, g.shape[1]), m=m).view(-1)
+        col2d = _ell(col, g.shape[1])
+
+        def kernel():
+            return triton_kernels().nm_sddmm(g, x, col2d, m=m).view(-1)
+
+        def gemm():                 # the dense GEMM and a gather of each row's K nonzeros
+            return (g.t() @ x).gather(1, col2d).view(-1)
+        return gemm() if tuning.sddmm_choice("nm_sddmm", (g, x, crow, col, m), kernel, gemm) == "gemm" else kernel()
     return _sddmm(g, x, crow, col)
 
 

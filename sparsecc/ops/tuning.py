@@ -3,9 +3,10 @@
 The cost model (cost_model.py) and the kernels' own runtime choices share this: DeviceInfo (what a measurement
 depends on: the GPU's name and compute capability, or the CPU setup; torch and triton versions), CPU and CUDA-event
 timers, and one JSON file of measurements per device setup under the cache directory. nm_choice tells the N:M ops
-whether the cost model found 2:4 sparse tensor cores faster for a weight; channels_choice times the Channels weight
-gradient's generated kernel against slice + cuBLAS on a GPU, once per shape. Ops import this module; it imports no
-compiler module, so the kernels never reach back into the cost model.
+whether the cost model found 2:4 sparse tensor cores faster for a weight; fastest() times the ways an op can run on a
+GPU once per shape (channels_choice: the Channels weight gradient's generated kernel against slice + cuBLAS;
+sddmm_choice: a sparse weight gradient's SDDMM kernel against cuBLAS's dense GEMM + gather). Ops import this module;
+it imports no compiler module, so the kernels never reach back into the cost model.
 """
 from __future__ import annotations
 
@@ -144,28 +145,69 @@ def record_nm_choice(device: str, dtype: torch.dtype, out: int, inp: int, n: int
         _NM_CHOICE.pop(key, None)
 
 
+def fastest(device: torch.device, key: str, options: dict) -> str:
+    """The name of the fastest of `options` (name -> a callable computing the same result another way) on a GPU:
+    each timed with CUDA events at the first call of `key`, then remembered in memory and in the device's
+    measurement file (the cost model's), so it is measured once per device setup. Off a GPU (the interpreter,
+    SPARSECC_TRITON=1 on the CPU) the first option, unmeasured."""
+    if device.type != "cuda":
+        return next(iter(options))
+    info = device_info(device)
+    memo = _FASTEST.get((info.setup, key))
+    if memo is None:
+        path = cache_file(info)
+        entry = load(path).get(key)
+        if not isinstance(entry, dict) or set(entry) != set(options):
+            entry = {name: gpu_median_ms(fn, torch.device(info.device), 20.0) for name, fn in options.items()}
+            store(path, key, entry)
+        memo = _FASTEST[(info.setup, key)] = min(entry, key=entry.get)
+    return memo
+
+
+def fastest_known(device: torch.device, key: str) -> str | None:
+    """What fastest() chose or would choose for `key` on this device setup without measuring: from memory or the
+    measurement file; None when it was never measured (or off a GPU)."""
+    if device.type != "cuda":
+        return None
+    info = device_info(device)
+    entry = _FASTEST.get((info.setup, key)) or load(cache_file(info)).get(key)
+    return min(entry, key=entry.get) if isinstance(entry, dict) and entry else entry
+
+
+_FASTEST: dict[tuple[str, str], str] = {}
+
+
 def channels_choice(g: torch.Tensor, x: torch.Tensor, idx_or_k, dim: str, kernel, sliced) -> str:
     """"kernel" or "slice+mm": how the Channels weight gradient runs for this call. On a GPU, whichever of the
     generated kernel (`kernel()`) and the gathered slice + cuBLAS (`sliced()`) measured faster for the shape (first
-    call of each shape and dtype, then cached per device like the linear shapes), so it is never slower than the
-    slice + cuBLAS; elsewhere (the interpreter, SPARSECC_TRITON=1 on the CPU) the kernel."""
-    if not x.is_cuda:
-        return "kernel"
-    info = device_info(x.device)
+    call of each shape and dtype, see fastest()), so it is never slower than the slice + cuBLAS; elsewhere (the
+    interpreter, SPARSECC_TRITON=1 on the CPU) the kernel."""
     indexed = isinstance(idx_or_k, torch.Tensor)
     k = idx_or_k.shape[0] if indexed else int(idx_or_k)
     key = (f"channels {g.shape[0]}x{g.shape[1]}x{x.shape[1]} k={k} dim={dim} {'index' if indexed else 'first'} "
            f"{str(x.dtype).removeprefix('torch.')}")
-    memo = _CHANNELS.get((info.setup, key))
-    if memo is None:
-        path = cache_file(info)
-        entry = load(path).get(key)
-        if entry is None:
-            device = torch.device(info.device)
-            entry = [gpu_median_ms(kernel, device, 20.0), gpu_median_ms(sliced, device, 20.0)]
-            store(path, key, entry)
-        memo = _CHANNELS[(info.setup, key)] = "kernel" if entry[0] < entry[1] else "slice+mm"
-    return memo
+    return fastest(x.device, key, {"kernel": kernel, "slice+mm": sliced})
 
 
-_CHANNELS: dict[tuple[str, str], str] = {}
+def sddmm_key(op: str, g, x, *index) -> str:
+    """fastest()'s key for a sparse weight gradient g^T @ x kept at the entries of a sparse weight: the op's name
+    ("block_sddmm", "nm_sddmm", "csr_sddmm") and its arguments (g, x, then the index arguments: (rows, cols, b),
+    (crow, col, m), (crow, col))."""
+    if op == "block_sddmm":
+        rows, _, b = index
+        nnz, pattern = rows.shape[0], f"b{b}"
+    elif op == "nm_sddmm":
+        _, col, m = index
+        nnz = col.shape[0]
+        pattern = f"{nnz // max(g.shape[1], 1) * m // max(x.shape[1], 1)}:{m}"
+    else:
+        nnz, pattern = index[1].shape[0], "csr"
+    return f"{op} {g.shape[0]}x{g.shape[1]}x{x.shape[1]} {pattern} nnz={nnz} {str(x.dtype).removeprefix('torch.')}"
+
+
+def sddmm_choice(op: str, args: tuple, kernel, gemm) -> str:
+    """"kernel" or "gemm": how a sparse weight gradient (op, args: see sddmm_key) runs on a GPU, whichever of the
+    generated SDDMM kernel (`kernel()`) and the dense GEMM g^T @ x through cuBLAS with the kept entries gathered
+    from it (`gemm()`: it holds a dense [out, in] gradient while it runs) measured faster for the shape (see
+    fastest()); so the weight gradient is never slower than the dense one's GEMM. Off a GPU, the kernel."""
+    return fastest(args[1].device, sddmm_key(op, *args), {"kernel": kernel, "gemm": gemm})

@@ -310,8 +310,8 @@ def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
         splits = triton.cdiv(n, chunk)
         cfg.update(NB=nb, splits=splits, chunk=chunk)
         return templates.block_sddmm(b=b, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], split=splits > 1,
-                                     tma=bool(cfg["TMA"]), aligned=aligned, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                                     **variant), cfg
+                                     tma=bool(cfg["TMA"]), aligned=aligned, num_warps=cfg["num_warps"],
+                                     num_stages=cfg["num_stages"], **variant), cfg
 
     def run(source, cfg):
         t_row, t_start, t_end, order, cols_sorted = _MEMO.get(
