@@ -3,8 +3,9 @@
 usage: python scripts/gpu_check.py OUT_DIR [--steps a,b,...]   (from the repository root; OUT_DIR is created)
 
 Each step runs as its own process with its own time limit (so one slow step cannot starve the others) and writes
-OUT_DIR/<step>.log; OUT_DIR/summary.txt lists every step's exit status, seconds and last lines; the cost model's
-and the autotuner's cache files (what was measured and chosen on this GPU) are copied there too. --steps picks
+OUT_DIR/<step>.log; OUT_DIR/summary.txt lists every step's exit status, seconds and last lines; OUT_DIR/decisions.json
+holds the cost model's and the autotuner's cache files (what was measured and chosen on this GPU). The default
+steps write 8 files: what one device run returns. --steps picks
 steps by name, in the order given; the default runs those marked *, which fit one 10-minute device command.
 * env              versions, device, compute capability, 2:4 sparse tensor cores (torch semi-structured) or why not
 * llm_memory       benchmarks/bench_llm_memory.py --only gpu --rounds 3: the 0.74 B and 6.7 B sparse-update steps,
@@ -22,8 +23,8 @@ Without a CUDA GPU it says so, writes the summary and exits 0 (so CI can run it)
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -253,10 +254,15 @@ def main():
     summary.append(f"total {time.time() - start:.0f} s")
     print(summary[-1])
     sys.path.insert(0, str(ROOT))
-    from sparsecc.cache import cache_dir          # what the GPU decided: the cost model's and the tuner's caches
+    from sparsecc.cache import cache_dir          # what the GPU decided: the cost model's and the tuner's caches,
+    caches = {}                                   # in one file (a device run returns at most 8 files)
     for path in [*cache_dir().glob("cost_model-*.json"), *(cache_dir() / "triton").glob("tuning-*.json")]:
-        shutil.copy(path, out / path.name)
-        summary.append(f"copied {path.name}")
+        try:
+            caches[path.name] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            caches[path.name] = f"unreadable: {e}"
+    (out / "decisions.json").write_text(json.dumps(caches, indent=1))
+    summary.append(f"decisions.json: {', '.join(caches) or 'no cache files'}")
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     return 0
 
