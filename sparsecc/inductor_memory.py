@@ -1,23 +1,26 @@
 """What a step compiled by Inductor allocates, read from the Python wrapper Inductor generated for it.
 
 Inductor's wrapper is straight-line code whose every allocation is explicit: `bufN = empty_strided_*(...)`
-allocates, `bufM = bufN; del bufN  # reuse` and `reinterpret_tensor(bufN, ...)` hand a buffer on, `del bufN` frees
-it, and an op Inductor does not generate code for (matmuls with `out=` write into a buffer; attention, convolution
-or sparsecc's ops without `out=`) allocates its results when it is called. Walking those statements with the
-buffers' storage sizes gives the bytes live after each of them: the step's peak as Inductor planned it, buffer
-reuse and fusion included. The sizes come from evaluating each assignment on meta tensors (the allocations'
-shapes, strides and dtypes; an op's results from its meta/fake implementation), so nothing runs and nothing is
-allocated. Graph inputs are resident and not counted, as in memory.liveness; memory an op holds only while it
-runs is memory.kernel_workspace's (sparsecc::linear_cross_entropy's chunks, oneDNN's copies in a CPU convolution).
+allocates, `bufM = bufN; del bufN # reuse` and `reinterpret_tensor(bufN, ...)` hand a buffer on, `del bufN` frees
+it, and an op Inductor does not generate code for (matmuls with `out=` write into a buffer, as do in-place fallbacks
+such as `aten.scatter_reduce_.two(buf3, ...)`; attention, convolution or sparsecc's ops without `out=`) allocates
+its results when it is called. Walking those statements with the buffers' storage sizes gives the bytes live after
+each of them: the step's peak as Inductor planned it, buffer reuse and fusion included. The sizes come from
+evaluating each assignment on meta tensors (the allocations' shapes, strides and dtypes; an op's results from its
+meta/fake implementation), so nothing runs and nothing is allocated. Graph inputs are resident and not counted, as
+in memory.liveness; memory an op holds only while it runs is memory.kernel_workspace's
+(sparsecc::linear_cross_entropy's chunks, oneDNN's copies in a CPU convolution).
 
-CUDA wrappers add a device guard block, streams and kernel launches, which allocate nothing, and (Inductor's
-default there) graph partitions: functions `call` hands a list of arguments, whose returned buffers live on
-under the caller's names and whose other locals go when they return; each is walked in its own scope. plan()
-generates the wrapper for a graph that is not compiled yet (a memory_budget point). timeline() returns None for
-a wrapper it cannot follow (a statement it cannot evaluate or size): the caller keeps its own model then.
+CUDA wrappers add a device guard block, streams, kernel launches and copy_if_misaligned of inputs, which allocate
+nothing, and (Inductor's default there under CUDA graphs) graph partitions: functions `call` hands a list of
+arguments, whose returned buffers live on under the caller's names and whose other locals go when they return; each
+is walked in its own scope. plan() generates the wrapper for a graph that is not compiled yet (a memory_budget
+point). timeline() returns None for a wrapper it cannot follow (a statement it cannot evaluate or size): the caller
+keeps its own model then.
 """
 from __future__ import annotations
 
+import ast
 import math
 import re
 
@@ -102,12 +105,24 @@ NAMESPACE = {"torch": torch, "aten": torch.ops.aten, "inf": math.inf, "nan": mat
              "device": lambda *a, **k: torch.device("meta"),
              "reinterpret_tensor": lambda t, size, stride, offset=0: t.as_strided(size, stride, t.storage_offset() + offset),
              "empty_strided": _empty_strided, "empty_strided_cpu": _empty_strided, "empty_strided_cuda": _empty_strided,
+             "empty_strided_cpu_pinned": _empty_strided,
              "extern_kernels": torch._C._VariableFunctions}
 _OPS = ("torch.ops.", "aten.", "extern_kernels.")
-# assignments that allocate nothing: streams, devices; copy_misaligned returns a CUDA input itself unless it is
-# not 16-byte aligned (PyTorch's allocator aligns every tensor it hands out)
-_SETUP = ("get_raw_stream", "torch.cuda", "torch.xpu", "copy_misaligned")
+# assignments that allocate nothing: streams, devices; copy_if_misaligned (copy_misaligned in other torch versions)
+# returns a CUDA input itself unless it is not 16-byte aligned (PyTorch's allocator aligns every tensor it hands out)
+_SETUP = ("get_raw_stream", "torch.cuda", "torch.xpu", "copy_if_misaligned", "copy_misaligned")
 _MULTI_ASSIGN = re.compile(r"^\(?\w+\s*,[\w\s,]*\)?\s*=[^=]")     # `a, b = ...`, `(a,) = ...`: not followed
+
+
+def _writes_in_place(stmt: str, env: dict) -> bool:
+    """Whether a statement calls an op that writes into an argument (`aten.scatter_reduce_.two(buf3, ...)`, a
+    fallback Inductor calls for its effect): it allocates nothing."""
+    try:
+        op = eval(stmt[:stmt.index("(")], NAMESPACE, env)   # noqa: S307 (Inductor's own code)
+    except Exception:      # noqa: BLE001 - not an op this can name
+        return False
+    schema = getattr(op, "_schema", None)
+    return bool(schema) and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
 def _op_call(expr: str, env: dict):
@@ -144,9 +159,26 @@ def timeline(code: str, example_inputs, owned=()) -> Timeline | None:
 
 
 _UNPACK = re.compile(r"^\(?([\w, ]+?),?\)? = args$")                       # `a, b = args`, `(a,) = args`
-_PARTITION_CALL = re.compile(r"^\(?([\w, ]+?),?\)? = self\.partitions\[(\d+)\]\((\w+)\)$")
+_PARTITION_CALL = re.compile(r"^\(?([\w, ]*?),?\)? = self\.partitions\[(\d+)\]\((\w+)\)$")   # `() = ...` too
 _LIST = re.compile(r"^(\w+) = \[([\w, ]*)\]$")                               # partitionN_args = [a, b]
-_RETURN = re.compile(r"^return \(?([\w, ]*?),?\s*\)?$")
+
+
+def _returned(stmt: str) -> list[str] | None:
+    """The names a `return` statement hands back: `return (buf3, )`, `return ()`, a result returned as a view of a
+    buffer (`reinterpret_tensor(buf34, (128, ), (1, ), 0)`: buf34); None for anything else."""
+    try:
+        value = ast.parse(stmt).body[0].value
+    except (SyntaxError, IndexError, AttributeError):
+        return None
+    items = value.elts if isinstance(value, ast.Tuple) else [value] if value is not None else []
+    names = []
+    for item in items:
+        if isinstance(item, ast.Call) and getattr(item.func, "id", None) == "reinterpret_tensor" and item.args:
+            item = item.args[0]
+        if not isinstance(item, ast.Name):
+            return None
+        names.append(item.id)
+    return names
 
 
 def _names(text: str) -> list[str]:
@@ -173,8 +205,7 @@ class _Walk:
                 if not stmt:
                     continue
                 if stmt.startswith("return"):
-                    returned = _RETURN.match(stmt)
-                    return _names(returned.group(1)) if returned else None
+                    return _returned(stmt)
                 if stmt == "args.clear()":
                     if args:
                         buffers.release(args)
@@ -218,7 +249,7 @@ class _Walk:
                 elif (_ASSIGN.match(stmt) and not stmt.split("=", 1)[1].strip().startswith(_SETUP)) or \
                         _MULTI_ASSIGN.match(stmt):
                     return None        # a name this does not know how to size
-                elif stmt.startswith(_OPS) and "out=" not in stmt:
+                elif stmt.startswith(_OPS) and "out=" not in stmt and not _writes_in_place(stmt, env):
                     return None        # an op whose results are not named: not something this follows
                 else:
                     continue           # a generated kernel, an op writing into buffers it is given, an assert

@@ -3,6 +3,10 @@ count by hand: expected bytes are written out in the tests, and numbers are comp
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -199,6 +203,30 @@ call = runner.call
 """
 
 
+@pytest.mark.slow     # ~40 s: a training step compiled on the CPU, then its CUDA wrapper generated twice
+def test_the_walker_follows_the_cuda_wrappers_inductor_generates_for_a_training_step(tmp_path):
+    """Inductor's own CUDA wrapper for a bf16 Llama's sparse-update step with the fused loss, generated on this
+    CPU-only machine with fake CUDA tensors (tests/fake_cuda.py), plain and in graph partitions (its form under
+    CUDA graphs): the walker follows every statement (device guard, streams, copy_if_misaligned, the fused loss's
+    op, the partition) and ends with exactly the step's outputs live. Written when the walker stopped at
+    copy_if_misaligned (torch 2.13's name; the hand-written wrappers above have another version's), which
+    would have turned the memory model on a GPU back into the liveness model."""
+    out = tmp_path / "found.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "fake_cuda.py"), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["fused_loss"] and found["output_bytes"] == 4          # the loss, float32
+    for form in ("plain", "partitioned"):
+        walked = found[form]
+        assert walked["model"] == "Inductor's buffer plan", (form, walked)
+        assert walked["final_live"] == found["output_bytes"], (form, walked)
+        assert {"copy_if_misaligned(", "empty_strided_cuda(", "get_raw_stream(", "torch.cuda._DeviceGuard(",
+                "torch.ops.sparsecc.linear_cross_entropy.default("} <= set(walked["statements"]), form
+    assert "def partition_0(args):" in found["partitioned"]["statements"]
+    assert found["partitioned"]["peak"] == found["plain"]["peak"] > 0     # one partition: the same buffers
+
+
 def test_a_cuda_wrapper_and_its_graph_partitions_are_walked():
     """The statements a CUDA wrapper adds (device guard block, set_device, streams, copy_misaligned of an input,
     kernel launches on a stream) allocate nothing. Graph partitions (Inductor's default on CUDA) are functions the
@@ -219,6 +247,34 @@ def test_a_cuda_wrapper_and_its_graph_partitions_are_walked():
     assert timeline(CUDA_WRAPPER.replace("buf1 = empty_strided_cuda", "buf1, buf9 = empty_strided_cuda"),
                     inputs) is None
     assert timeline(PARTITIONED.replace("partition_1,]", "]"), inputs) is None      # a partition it cannot find
+
+
+def test_the_walker_follows_in_place_fallbacks_views_returned_and_partitions_returning_nothing():
+    """Forms met in wrappers Inductor generated on GPUs: an in-place fallback op called for its effect
+    (`aten.scatter_reduce_.two(buf2, ...)`) allocates nothing (an op whose result is dropped still gives no plan);
+    a result returned as a view of a buffer (`return (reinterpret_tensor(buf2, ...), )`); a host buffer in pinned
+    memory and a copy into a buffer (`buf2.copy_(buf1, True)`); a partition that returns nothing (`() = ...`),
+    whose locals all go when it returns."""
+    from sparsecc.inductor_memory import timeline
+    inputs = [torch.randn(8, 16), torch.randn(8, 16)]
+    scatter = "        aten.scatter_reduce_.two(buf2, 0, reinterpret_tensor(arg1_1, (8, 8), (16, 1), 0), buf1, " \
+              "reduce='amax', include_self=False)\n        buf2.copy_(buf1, True)\n        del buf1"
+    pinned = "        del arg0_1\n        buf7 = empty_strided_cpu_pinned((1, ), (1, ), torch.float64)\n"
+    view = "return (reinterpret_tensor(buf2, (128, ), (1, ), 0), )"
+    varied = CUDA_WRAPPER.replace("        del buf1", scatter).replace("return (buf2, )", view).replace(
+        "        del arg0_1\n", pinned)
+    walked = timeline(varied, inputs)
+    assert walked.names == ["buf0", "del arg0_1", "buf7", "buf1", "buf2", "del buf0", "del buf1"]
+    assert walked.live_bytes == [b + 8 * (i >= 2) for i, b in enumerate([512, 512, 512, 768, 768, 768, 512])]
+    assert timeline(CUDA_WRAPPER.replace("        del buf1", "        aten.relu.default(buf1)\n        del buf1"),
+                    inputs) is None
+    nothing = PARTITIONED.replace("    return (buf3, )\n\n\nclass", "    return ()\n\n\nclass").replace(
+        "(buf3,) = self.partitions[1]", "() = self.partitions[1]").replace(
+        "        return (buf3, )", "        return ()")
+    parts = timeline(nothing, inputs)
+    assert parts.names[-4:] == ["partition_1:buf3", "partition_1:del buf0", "partition_1:del buf2",
+                                "del partition1_args"]
+    assert parts.live_bytes[-4:] == [768, 768, 512, 0] and parts.peak == timeline(PARTITIONED, inputs).peak == 1024
 
 
 def test_reorder_keeps_the_order_when_the_schedule_would_raise_the_peak():
