@@ -227,6 +227,17 @@ def test_the_walker_follows_the_cuda_wrappers_inductor_generates_for_a_training_
     assert found["partitioned"]["peak"] == found["plain"]["peak"] > 0     # one partition: the same buffers
 
 
+@pytest.mark.slow     # ~20 s
+def test_model_gpu_plan_script_models_the_benchmarks_gpu_step_on_this_cpu():
+    """scripts/model_gpu_plan.py (bench_llm_memory's GPU step, its CUDA plan modelled here) follows Inductor's
+    CUDA wrapper of the step to its end: the quick configuration's peak and the scheme's AdamW state."""
+    run = subprocess.run([sys.executable, "scripts/model_gpu_plan.py", "quick"], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
+    line = next(line for line in run.stdout.splitlines() if "modelled CUDA step peak" in line)
+    assert "(Inductor's buffer plan)" in line and float(line.split("peak ")[1].split(" MiB")[0]) > 0
+
+
 def test_a_cuda_wrapper_and_its_graph_partitions_are_walked():
     """The statements a CUDA wrapper adds (device guard block, set_device, streams, copy_misaligned of an input,
     kernel launches on a stream) allocate nothing. Graph partitions (Inductor's default on CUDA) are functions the
