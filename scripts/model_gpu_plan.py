@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 import bench_llm_memory as bench  # noqa: E402
 import fake_cuda  # noqa: E402
 import sparsecc  # noqa: E402
-from sparsecc import _torch, inductor_memory, train_step  # noqa: E402
+from sparsecc import _torch, inductor_memory, memory_budget, train_step  # noqa: E402
 
 
 class _Captured(Exception):
@@ -49,6 +49,13 @@ def step_graph(size: str, layers: int | None, budget: str | None):
         captured.update(gm=gm, example=example)
         raise _Captured
     compile_with_code, train_step.compile_fx_with_code = train_step.compile_fx_with_code, stop
+    fit = memory_budget.fit
+
+    def fit_and_say(*args):             # the trade-off points memory_budget= tried (peaks: the CPU's plans)
+        result, entry = fit(*args)
+        print("memory_budget:", "; ".join(entry.notes), f"(+{entry.counts['extra_flops'] / 1e9:.1f} GFLOP)")
+        return result, entry
+    memory_budget.fit = fit_and_say
     try:
         step = None
         step = sparsecc.compile_train_step(model, bench.loss_fn, optimizer=sparsecc.AdamW(lr=1e-3), update=scheme,
@@ -56,7 +63,7 @@ def step_graph(size: str, layers: int | None, budget: str | None):
     except _Captured:
         pass
     finally:
-        train_step.compile_fx_with_code = compile_with_code
+        train_step.compile_fx_with_code, memory_budget.fit = compile_with_code, fit
     assert step is None and captured, "the step was not captured"
     state = sum(2 * math.prod(shape) * 2 for _, shape in captured["gm"].meta["sparsecc_updates"])  # bf16 m, v
     return captured["gm"], captured["example"], state
