@@ -24,12 +24,15 @@ Section "gpu" (on a CUDA GPU; skipped without one, or with --quick a tiny model 
 scheme with the head frozen, as in that measurement (sparsecc 910 MiB vs Inductor + freezing 1,729 MiB at 6.7 B),
 AdamW: inductor-freeze against sparsecc, training memory = optimizer state + the peak a step allocates
 above what was live before it (torch.cuda.max_memory_allocated), step times with the GPU synchronised.
+SPARSECC_BENCH_BUDGET=0.85 adds a sparsecc row under memory_budget= 85 % of sparsecc's modelled step peak (its
+search lowers the step once per point it tries: minutes at 6.7 B); SPARSECC_BENCH_SIZES=6.7B picks configurations.
 
 usage: python benchmarks/bench_llm_memory.py [--rounds 5] [--quick] [--only sparse-update|full|gpu]
 """
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch
@@ -126,7 +129,9 @@ def gpu_section(quick: bool, rounds: int) -> None:
               "the CPU)")
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size in ["tiny"] if quick else list(GPU_CONFIGS):
+    sizes = os.environ.get("SPARSECC_BENCH_SIZES", ",".join(GPU_CONFIGS)).split(",")
+    budget = os.environ.get("SPARSECC_BENCH_BUDGET")    # a fraction of sparsecc's modelled step peak: one more row
+    for size in ["tiny"] if quick else sizes:
         model, x, scheme = case(quick, None if quick else size, device, torch.bfloat16, train_head=False)
         params = sum(p.numel() for p in model.parameters())
         print(f"{size}: {params / 1e9:.2f} B parameters, bfloat16, {x.shape[0]}x{x.shape[1]} tokens, {device}",
@@ -137,6 +142,15 @@ def gpu_section(quick: bool, rounds: int) -> None:
         m = copy.deepcopy(model)
         steps["sparsecc"] = sparsecc.compile_train_step(m, loss_fn, optimizer=sparsecc.AdamW(lr=LR), update=scheme,
                                                         example_inputs=(x, x))
+        if budget:
+            limit = int(float(budget) * steps["sparsecc"].report.stats["peak_bytes_estimate"])
+            m = copy.deepcopy(model)
+            try:
+                steps[f"sparsecc-m{budget}"] = sparsecc.compile_train_step(
+                    m, loss_fn, optimizer=sparsecc.AdamW(lr=LR), update=scheme, example_inputs=(x, x),
+                    memory_budget=limit)
+            except sparsecc.ConfigError as e:       # below the lowest peak it reaches: the floor, not a row
+                print(f"sparsecc-m{budget}: {e}")
         del model, m
         synced = {k: (lambda s=s: (s(x, x), _sync(device))) for k, s in steps.items()}
         times = interleaved_medians(synced, rounds, warmup=2)
@@ -149,7 +163,7 @@ def gpu_section(quick: bool, rounds: int) -> None:
             rows[k] = (times[k], state, _peak(lambda s=s: s(x, x), device))
         base = rows["inductor-freeze"][1] + rows["inductor-freeze"][2]
         for k, (t, state, peak) in rows.items():
-            modelled = "" if k != "sparsecc" else \
+            modelled = "" if not k.startswith("sparsecc") else \
                 f"{steps[k].report.stats['peak_bytes_estimate'] / 2**20:11.1f} ({steps[k].report.timeline.model})"
             print(f"{k:18}{t * 1e3:10.2f}{state / 2**20:14.1f}{peak / 2**20:14.1f}{(state + peak) / 2**20:14.1f}"
                   f"{base / (state + peak):8.2f}x{modelled}")
