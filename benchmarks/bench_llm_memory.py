@@ -24,7 +24,7 @@ Section "gpu" (on a CUDA GPU; skipped without one, or with --quick a tiny model 
 scheme with the head frozen, as in that measurement (sparsecc 910 MiB vs Inductor + freezing 1,729 MiB at 6.7 B),
 AdamW: inductor-freeze against sparsecc, training memory = optimizer state + the peak a step allocates
 above what was live before it (torch.cuda.max_memory_allocated), step times with the GPU synchronised.
-SPARSECC_BENCH_BUDGET=0.85 adds a sparsecc row under memory_budget= 85 % of sparsecc's modelled step peak (its
+SPARSECC_BENCH_BUDGET=0.88 adds a sparsecc row under memory_budget= 88 % of sparsecc's modelled step peak (its
 search lowers the step once per point it tries: minutes at 6.7 B); SPARSECC_BENCH_SIZES=6.7B picks configurations.
 
 usage: python benchmarks/bench_llm_memory.py [--rounds 5] [--quick] [--only sparse-update|full|gpu]
