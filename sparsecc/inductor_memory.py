@@ -114,11 +114,16 @@ _SETUP = ("get_raw_stream", "torch.cuda", "torch.xpu", "copy_if_misaligned", "co
 _MULTI_ASSIGN = re.compile(r"^\(?\w+\s*,[\w\s,]*\)?\s*=[^=]")     # `a, b = ...`, `(a,) = ...`: not followed
 
 
+def _callee(expr: str, env: dict):
+    """What a call expression `name.path(...)` calls."""
+    return eval(expr[:expr.index("(")], NAMESPACE, env)   # noqa: S307 (Inductor's own code)
+
+
 def _writes_in_place(stmt: str, env: dict) -> bool:
     """Whether a statement calls an op that writes into an argument (`aten.scatter_reduce_.two(buf3, ...)`, a
     fallback Inductor calls for its effect): it allocates nothing."""
     try:
-        op = eval(stmt[:stmt.index("(")], NAMESPACE, env)   # noqa: S307 (Inductor's own code)
+        op = _callee(stmt, env)
     except Exception:      # noqa: BLE001 - not an op this can name
         return False
     schema = getattr(op, "_schema", None)
@@ -129,7 +134,7 @@ def _op_call(expr: str, env: dict):
     """(op, args, kwargs) of an op Inductor calls as it is (an expression starting with one of _OPS), else None."""
     if not expr.startswith(_OPS) or "(" not in expr:
         return None
-    op = eval(expr[:expr.index("(")], NAMESPACE, env)   # noqa: S307 (Inductor's own code)
+    op = _callee(expr, env)
     args, kwargs = eval("(lambda *a, **k: (a, k))" + expr[expr.index("("):], NAMESPACE, env)   # noqa: S307
     return op, args, kwargs
 

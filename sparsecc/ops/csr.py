@@ -81,19 +81,16 @@ def _sddmm(g, x, crow, col):
     if use_triton(x):
         def kernel():
             return triton_kernels().csr_sddmm(g, x, crow, col)
-        if tuning.sddmm_choice("csr_sddmm", (g, x, crow, col), kernel, lambda: _gemm_sddmm(g, x, crow, col)) == "gemm":
-            return _gemm_sddmm(g, x, crow, col)
-        return kernel()
+
+        def gemm():                 # the dense GEMM and a gather of the nonzeros
+            rows = torch.repeat_interleave(torch.arange(g.shape[1], device=g.device), crow.diff(),
+                                           output_size=col.shape[0])
+            return (g.t() @ x)[rows, col]
+        return gemm() if tuning.sddmm_choice("csr_sddmm", (g, x, crow, col), kernel, gemm) == "gemm" else kernel()
     if native.usable(x):
         return native.csr_sddmm(g, x, crow, col)
     pattern = _sparse(crow, col, x.new_ones(col.shape[0]), (g.shape[1], x.shape[1]))
     return torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x.contiguous(), beta=0.0).values().clone()
-
-
-def _gemm_sddmm(g, x, crow, col):
-    """_sddmm through the dense GEMM g^T @ x (cuBLAS on a GPU) and a gather of the nonzeros."""
-    rows = torch.repeat_interleave(torch.arange(g.shape[1], device=g.device), crow.diff(), output_size=col.shape[0])
-    return (g.t() @ x)[rows, col]
 
 
 @torch.library.custom_op("sparsecc::csr_sddmm", mutates_args=())

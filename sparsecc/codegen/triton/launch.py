@@ -69,10 +69,16 @@ def _matmul_variant(target: str, *tensors: torch.Tensor) -> dict:
             "precision": "tf32" if tf32 else "ieee"}
 
 
+def _fma_dot(target: str, variant: dict) -> bool:
+    """Whether the variant's tl.dot runs on the FMA units with its operand tiles in registers: fp32 in "ieee"
+    precision on a GPU target (the interpreter has no such limit)."""
+    return target != "interpreter" and variant["dtype"] == "fp32" and variant["precision"] == "ieee"
+
+
 def _fma_capped(kernel: str, target: str, variant: dict, cfg: dict) -> dict:
-    """cfg with configs.FMA_CAPS applied when the variant's tl.dot runs on the FMA units (fp32 in "ieee" precision
-    on a GPU target), so its operand tiles fit in registers."""
-    if target == "interpreter" or variant["dtype"] != "fp32" or variant["precision"] != "ieee":
+    """cfg with configs.FMA_CAPS applied when the variant's tl.dot runs on the FMA units (_fma_dot), so its
+    operand tiles fit in registers."""
+    if not _fma_dot(target, variant):
         return cfg
     return {k: min(v, FMA_CAPS[kernel].get(k, v)) for k, v in cfg.items()}
 
@@ -169,10 +175,9 @@ def _rows_first(dst: torch.Tensor, src: torch.Tensor, n_rows: int):
 def _tma_ok(b: int, smallest: int, aligned: bool, target: str, variant: dict) -> bool:
     """Whether a block kernel loads its operands through tensor descriptors: blocks of a power-of-two size of at
     least `smallest` (below it a tile has no edge of 64 for Hopper's wgmma), operands aligned as TMA needs (16-byte
-    base and row strides), and a tensor-core dot on a GPU (fp32 "ieee" dots run on the FMA units from registers,
-    where a whole b x b block per step spills)."""
-    fma_dot = target != "interpreter" and variant["dtype"] == "fp32" and variant["precision"] == "ieee"
-    return aligned and b >= smallest and next_pow2(b) == b and not fma_dot
+    base and row strides), and not an FMA dot (_fma_dot: its operands sit in registers, where a whole b x b block
+    per step spills)."""
+    return aligned and b >= smallest and next_pow2(b) == b and not _fma_dot(target, variant)
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -207,7 +212,7 @@ def block_spmm(x: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, src: to
         if cfg["TMA"]:
             cfg["BLOCK_K"] = b              # one block per step
         cfg = fit(cfg, target, "BLOCK_M", max(cfg["BLOCK_K"], next_pow2(b)), next_pow2(b), elt,
-                  fma_dot=variant["dtype"] == "fp32" and variant["precision"] == "ieee")
+                  fma_dot=_fma_dot(target, variant))
         if not aligned:                     # unvectorised, unpipelined loads hold more registers: smaller tiles
             cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), num_stages=1)
         return templates.block_spmm(b=b, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
@@ -298,7 +303,7 @@ def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
         cfg = dict(cfg, TMA=int(cfg["TMA"] and _tma_ok(b, 64, aligned, target, variant)))
         if cfg["TMA"]:
             cfg["BLOCK_N"] = b              # one block per tile
-        cfg = _fit_sddmm(cfg, target, bp, elt, variant["dtype"] == "fp32" and variant["precision"] == "ieee")
+        cfg = _fit_sddmm(cfg, target, bp, elt, _fma_dot(target, variant))
         if not aligned:                     # unvectorised, unpipelined loads hold more registers: smaller tiles
             cfg.update(BLOCK_N=min(cfg["BLOCK_N"], max(64, bp)), num_stages=1)
         nb = 1 if bp < 16 else max(1, cfg["BLOCK_N"] // bp)
