@@ -5,6 +5,8 @@ release none of this has been tried with. When a release moves one of these, it 
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 from unittest import mock
 
 import torch
@@ -20,12 +22,25 @@ from torch._guards import detect_fake_mode                         # noqa: F401 
 from torch._inductor import config as inductor_config              # noqa: F401  layout_optimization (patched off for the step)
 from torch._inductor.compile_fx import compile_fx                  # noqa: F401  config_patches={"custom_partitioner_fn": ...}
 from torch._inductor.compile_fx import compile_fx_inner            # what compile_fx_with_code wraps (its inner_compile=)
+from torch._inductor.dependencies import StarDep, WeakDep            # the ordering deps Inductor adds for in-place writes
 from torch._inductor.graph import GraphLowering                    # save_output_code: where the wrapper is handed over
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook the backend runs the passes in
 from torch._inductor.decomposition import select_decomp_table      # noqa: F401  Inductor's decompositions, for the eager executor too
+from torch._inductor.scheduler import SchedulerNode                  # recompute_size_and_body (inductor_keeps_write_order)
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode   # noqa: F401  DDPOptimizer's inputs; one fake mode for a rewritten graph
+from torch.utils._ordered_set import OrderedSet                    # what Inductor's ReadWrites.with_read takes
 
 FUNCTIONAL_LINEAR = torch._C._nn.linear      # what F.linear is bound to in graphs Dynamo captured
+
+
+def program_json(exported) -> bytes:
+    """torch.export's JSON of an ExportedProgram (serde.serialize(...).exported_program). torch 2.13 can skip the
+    pickled sections (state dict, constants, example inputs), which are not read; 2.11 has no switch for them, so
+    there they are pickled and dropped."""
+    if "serialize_state_dict" in inspect.signature(serde.serialize).parameters:
+        return serde.serialize(exported, serialize_state_dict=False, serialize_constants=False,
+                               serialize_example_inputs=False).exported_program
+    return serde.serialize(exported).exported_program
 
 
 def compiling_frame() -> tuple[dict, dict] | None:
@@ -102,9 +117,41 @@ def fsdp_groups(module) -> list:
     gradients for the reduce-scatter (foreach_reduce: each gradient's dim 0 padded to a multiple of the world
     size, cut into one chunk per rank, rank r's chunks concatenated as row r of the flat input). Relies on
     FSDPModule._get_fsdp_state()._fsdp_param_groups, FSDPParam.sharded_param (the DTensor registered as the
-    module's parameter), ._orig_size and .fsdp_placement."""
+    module's parameter), ._orig_size and .fsdp_placement. torch 2.11's state has one group or None
+    (._fsdp_param_group)."""
+    state = module._get_fsdp_state()
+    groups = state._fsdp_param_groups if hasattr(state, "_fsdp_param_groups") else \
+        [g for g in [state._fsdp_param_group] if g is not None]
     return [[(fp.sharded_param, tuple(fp._orig_size), fp.fsdp_placement.dim) for fp in group.fsdp_params]
-            for group in module._get_fsdp_state()._fsdp_param_groups]
+            for group in groups]
+
+
+@contextlib.contextmanager
+def inductor_keeps_write_order():
+    """A context for Inductor compilations. torch 2.11's SchedulerNode.recompute_size_and_body, which the CPU
+    backend's fusion calls, rebuilds a node's dependencies from its loop body and drops the ordering ones Inductor
+    added for in-place writes (WeakDep: run after every earlier reader; StarDep): a kernel writing a parameter in place
+    can then run before a GEMM that still reads it, a silently wrong gradient (pytorch/pytorch#177631, fixed in
+    2.12 by #177816; the train step's Channels updates met it). Where the method does not keep them, it is wrapped
+    to keep them as the fix does, and the FX graph cache is bypassed (it may hold a graph compiled without the
+    fix); a no-op where the method keeps them (2.12, 2.13)."""
+    try:
+        fixed = "fake_deps" in inspect.getsource(SchedulerNode.recompute_size_and_body)
+    except OSError:                         # installed without sources
+        fixed = torch.__version__ >= "2.12"
+    if fixed:
+        yield
+        return
+    original = SchedulerNode.recompute_size_and_body
+
+    def recompute_size_and_body(self, *args, **kwargs):
+        kept = OrderedSet(dep for dep in self.read_writes.reads if isinstance(dep, (WeakDep, StarDep)))
+        original(self, *args, **kwargs)
+        if kept:
+            self.set_read_writes(self.read_writes.with_read(kept).rename(self.mutation_renames))
+    with mock.patch.object(SchedulerNode, "recompute_size_and_body", recompute_size_and_body), \
+            inductor_config.patch(fx_graph_cache=False):
+        yield
 
 
 def compile_fx_with_code(gm, example_inputs):
@@ -118,7 +165,8 @@ def compile_fx_with_code(gm, example_inputs):
         codes.append(getattr(out, "source_code", None))
         return out
 
-    fn = compile_fx(gm, example_inputs, inner_compile=inner)
+    with inductor_keeps_write_order():
+        fn = compile_fx(gm, example_inputs, inner_compile=inner)
     return fn, (codes[-1] if len(codes) == 1 else None)
 
 
@@ -136,7 +184,8 @@ def inductor_wrapper_code(gm, example_inputs) -> str | None:
         raise _Generated(code)
 
     with mock.patch.object(GraphLowering, "save_output_code", staticmethod(stop)), \
-            inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False), \
+            inductor_keeps_write_order():
         try:
             compile_fx(gm, example_inputs)
         except Exception as e:                  # Inductor may wrap what save_output_code raised

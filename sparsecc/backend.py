@@ -12,7 +12,7 @@ from functorch.compile import make_boxed_func, min_cut_rematerialization_partiti
 
 from . import analysis, cost_model, inductor_memory, memory_budget, progress
 from ._torch import (CustomPartitionerFn, FakeTensor, active_ddp, aot_autograd, compile_fx, compiling_frame,
-                     ddp_ignored, functorch_config, select_decomp_table)
+                     ddp_ignored, functorch_config, inductor_keeps_write_order, select_decomp_table)
 from .config import Channels, Config, rule_name
 from .errors import ConfigError
 from .distributed import fsdp_sharded
@@ -196,7 +196,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: Config):
     with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True), \
             progress.waiting(f"compiling {name} for training ({what}, once per input shape)"):
         if config.executor == "inductor":
-            compiled = compile_fx(gm, inputs, config_patches={"custom_partitioner_fn": partitioner})
+            with inductor_keeps_write_order():
+                compiled = compile_fx(gm, inputs, config_patches={"custom_partitioner_fn": partitioner})
         else:
             compiled = aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed, partition_fn=partitioner,
                                     decompositions=select_decomp_table(),

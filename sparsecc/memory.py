@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -253,7 +254,8 @@ def measure_peak(fn) -> int:
     """Peak bytes allocated above what was live when fn started, measured by the profiler's memory timeline
     (every CPU allocation and free during fn, those inside compiled kernels included)."""
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
-    with _without_kineto_lines():
+    with _without_kineto_lines(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Warning: Profiler clears events")   # torch 2.11: at every first profile
         prof.start()
     try:
         fn()

@@ -117,3 +117,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.split("/")[-1].split("[")[0] in SLOW_ELSEWHERE:
             item.add_marker(pytest.mark.slow)
+
+
+def triton_cannot_interpret() -> str | None:
+    """Why Triton's interpreter cannot run kernels here, or None: before triton 3.9 it turns one-element arrays
+    into ints with int(), which NumPy refuses since 2.4 (triton 3.6, the GPU image's, interprets every case with
+    NumPy 2.2)."""
+    import numpy
+    import triton
+    from packaging.version import Version
+    if Version(triton.__version__) < Version("3.9") and Version(numpy.__version__) >= Version("2.4"):
+        return (f"triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} (int() of a "
+                "one-element array); install numpy<2.4 or triton>=3.9")
+    return None

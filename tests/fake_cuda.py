@@ -35,6 +35,7 @@ def install() -> None:
     import torch._inductor.config as inductor_config
     import torch._inductor.fx_passes.joint_graph as joint_graph
     import torch._inductor.fx_passes.post_grad as post_grad
+    import torch._subclasses.fake_tensor as fake_tensor
     import torch.utils._triton as torch_triton
     from torch._dynamo.device_interface import CudaInterface
     from triton.backends.compiler import GPUTarget
@@ -72,6 +73,7 @@ def install() -> None:
     driver.set_active(Driver())
     torch_triton.triton_backend = lambda: make_backend(target)
     torch_triton.has_triton.cache_clear()           # answered "no GPU" before
+    fake_tensor.init_gpu_context = lambda device: None  # a CUDA build's FakeTensor would make a real CUDA tensor
     inductor_config.pattern_matcher = False
     inductor_config.joint_graph_constant_folding = False
     joint_graph.lazy_init = post_grad.lazy_init = lambda *a, **k: None

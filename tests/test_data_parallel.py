@@ -100,7 +100,9 @@ def ideal_bytes(model, scheme) -> int:
 
 
 CASES = [("mlp", "mixed", "adamw", "eager", 25), ("mlp", "channels", "sgd_momentum_wd", "eager", 1e-4),
-         ("transformer", "mixed", "adamw", "inductor", 1e-4)]
+         pytest.param("transformer", "mixed", "adamw", "inductor", 1e-4, marks=pytest.mark.skipif(
+             torch.__version__ < "2.13", reason="torch 2.11's Inductor cannot train float64 attention on the CPU "
+             "(plain torch.compile too: the SDPA backward gets a float32 buffer)"))]
 
 
 @pytest.mark.slow

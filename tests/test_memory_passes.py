@@ -221,8 +221,10 @@ def test_the_walker_follows_the_cuda_wrappers_inductor_generates_for_a_training_
         walked = found[form]
         assert walked["model"] == "Inductor's buffer plan", (form, walked)
         assert walked["final_live"] == found["output_bytes"], (form, walked)
-        assert {"copy_if_misaligned(", "empty_strided_cuda(", "get_raw_stream(", "torch.cuda._DeviceGuard(",
+        assert {"empty_strided_cuda(", "get_raw_stream(", "torch.cuda._DeviceGuard(",
                 "torch.ops.sparsecc.linear_cross_entropy.default("} <= set(walked["statements"]), form
+        if torch.__version__ >= "2.13":                                # 2.11's wrappers have no copy_if_misaligned
+            assert "copy_if_misaligned(" in walked["statements"], form
     assert "def partition_0(args):" in found["partitioned"]["statements"]
     assert found["partitioned"]["peak"] == found["plain"]["peak"] > 0     # one partition: the same buffers
 

@@ -359,3 +359,29 @@ def test_transformers_llama_with_keyword_inputs():
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
     for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_in_place_updates_stay_after_the_reads_of_the_old_weight_under_torch_2_11s_inductor(monkeypatch):
+    """torch 2.11's Inductor (CPU backend) dropped the ordering of in-place writes when its fusion recomputed a
+    kernel's loop body (pytorch/pytorch#177631): the update of blocks.2.attn.proj's trained rows ran before the
+    backward's GEMM still reading proj's old weight, and blocks.1's gradients came out wrong (by 0.07; found running
+    this suite on torch 2.11). Here torch's method is replaced by 2.11's; compile_train_step keeps the order
+    (_torch.inductor_keeps_write_order) and the step equals torch.optim's."""
+    from torch._inductor.scheduler import SchedulerNode
+
+    def recompute_size_and_body_211(self, extra_indexing_constraints=None, recompute_sizes_body_func=None):
+        self._compute_attrs(extra_indexing_constraints=extra_indexing_constraints,
+                            recompute_sizes_body_func=recompute_sizes_body_func)
+    monkeypatch.setattr(SchedulerNode, "recompute_size_and_body", recompute_size_and_body_211)
+    scheme = US({"blocks.1.mlp.fc1.weight": C(0.25), "blocks.2.attn.proj.weight": C(0.5, dim="out")})
+    model, _ = make("transformer")
+    x, y, loss_fn = data("transformer")
+    ref = copy.deepcopy(model)
+    reference_steps(ref, x, y, loss_fn, scheme, lambda ps: torch.optim.SGD(ps, lr=1.0), 1)
+    step = sparsecc.compile_train_step(model, loss_fn, optimizer=sparsecc.SGD(lr=1.0), update=scheme,
+                                       example_inputs=(x, y))
+    wrapped = SchedulerNode.recompute_size_and_body
+    step(x, y)
+    assert SchedulerNode.recompute_size_and_body is wrapped       # the wrapper is gone after the compilation
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")

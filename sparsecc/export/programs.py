@@ -23,7 +23,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten, treespec_dumps
 
 from .. import ops  # noqa: F401  (registers the sparsecc:: ops SPARSE_KERNELS names)
-from .._torch import serde
+from .._torch import program_json, serde
 from ..errors import ConfigError
 from . import layouts
 from ..calling import MASK_PREFIX, Structure, call_model, first_alias, flatten
@@ -314,14 +314,12 @@ _DEBUG_META = ("stack_trace", "from_node", "nn_module_stack", "torch_fn", "sourc
 
 def dumps(program: Program) -> bytes:
     """The program's graph as torch.export's JSON schema, without per-node debug metadata (source lines,
-    module stacks: over half the bytes). It holds no tensors (every tensor is an input), so none of
-    torch.export's pickled sections is written."""
+    module stacks: over half the bytes). It holds no tensors (every tensor is an input): torch.export's pickled
+    sections are not written (torch 2.11: not kept)."""
     for node in program.exported.graph.nodes:
         for key in _DEBUG_META:
             node.meta.pop(key, None)
-    art = serde.serialize(program.exported, serialize_state_dict=False, serialize_constants=False,
-                          serialize_example_inputs=False)
-    return art.exported_program
+    return program_json(program.exported)
 
 
 def loads(data: bytes) -> torch.export.ExportedProgram:

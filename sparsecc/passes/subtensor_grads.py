@@ -17,8 +17,9 @@ On the CPU path the graph stays pure aten.
 The table has rules only for ops that can reach this pass. Every joint graph is traced below autograd (so
 reshape, a CompositeImplicitAutograd op, is already view) with Inductor's decompositions (the backend,
 compile_train_step) or core ATen's (portable_graph, for export), and both turn t and transpose into permute,
-_unsafe_view into view and embedding_dense_backward into an accumulating index_put: rules for those could
-never fire (tests/test_subtensor_rules.py checks both tables and reaches every rule left) and were removed.
+_unsafe_view into view and embedding_dense_backward into an accumulating index_put (torch 2.13: the masked
+op; 2.11: index_put): rules for those could never fire (tests/test_subtensor_rules.py checks both tables and
+reaches every rule left) and were removed.
 Were one of those ops to appear, the selection would stop there and slice the full gradient: correct, only
 not cheaper.
 """
@@ -242,6 +243,18 @@ def _index_put_accumulate(s, x, d):
     return s.contraction(new_zeros, x.target, (new_zeros, new_mask, indices, new_values))
 
 
+def _index_put(s, x, d):
+    """Embedding backward as torch 2.11's Inductor decomposes it: index_put(zeros, [indices], values, accumulate)
+    (2.13: the masked op above). A channel dim past the indexed ones is one of values' trailing dims."""
+    base, indices, values = x.args[:3]
+    if d < len(indices) or any(i is None for i in indices):
+        return None
+    vd = len(_shape(values)) - (len(_shape(x)) - d)
+    new_values = s.select(values, vd) if vd >= 0 and _shape(values)[vd] != 1 else values
+    new_base = s.select(base, d)
+    return s.contraction(x, x.target, (new_base, indices, new_values) + tuple(x.args[3:]), x.kwargs)
+
+
 def _getitem(s, x, d):
     parent, i = x.args
     if parent.target is aten.convolution_backward.default and i == 1:
@@ -297,6 +310,7 @@ RULES = {
     aten.full.default: _full,
     aten.slice_scatter.default: _slice_scatter,
     aten._unsafe_masked_index_put_accumulate.default: _index_put_accumulate,
+    aten.index_put.default: _index_put,
     operator.getitem: _getitem,
     aten.alias.default: _pointwise,     # an op's saved result as its backward reads it: the identity
     **{op: _pointwise for op in _POINTWISE},
