@@ -385,3 +385,15 @@ def test_in_place_updates_stay_after_the_reads_of_the_old_weight_under_torch_2_1
     assert SchedulerNode.recompute_size_and_body is wrapped       # the wrapper is gone after the compilation
     for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_write_order_wrapper_is_a_no_op_where_torch_has_the_fix():
+    """torch 2.12+ keeps the ordering deps itself (#177816): inductor_keeps_write_order must recognise that and leave
+    Inductor alone (wrapping a fixed method would rename a node's reads twice)."""
+    from torch._inductor.scheduler import SchedulerNode
+    from sparsecc._torch import inductor_keeps_write_order
+    if torch.__version__ < "2.12":
+        pytest.skip("torch 2.11 lacks the fix: the wrapper applies there (the test above)")
+    method = SchedulerNode.recompute_size_and_body
+    with inductor_keeps_write_order():
+        assert SchedulerNode.recompute_size_and_body is method
