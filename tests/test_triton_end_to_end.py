@@ -93,8 +93,9 @@ print(json.dumps({"losses": losses, "ref_losses": ref_losses, "param_diff": diff
 
 def run_in_interpreter(script: str, tmp_path) -> dict:
     """Run script with the Triton path on CPU tensors; its last stdout line is JSON."""
-    if triton_cannot_interpret():
-        pytest.skip(triton_cannot_interpret())
+    refusal = triton_cannot_interpret()
+    if refusal:
+        pytest.skip(refusal)
     tests = Path(__file__).parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "SPARSECC_TRITON": "1", "SPARSECC_DEBUG_DIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
