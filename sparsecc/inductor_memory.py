@@ -256,6 +256,16 @@ class _Walk:
                     return None        # a name this does not know how to size
                 elif stmt.startswith(_OPS) and "out=" not in stmt and not _writes_in_place(stmt, env):
                     return None        # an op whose results are not named: not something this follows
+                elif stmt.startswith(_OPS) and "out=" not in stmt:    # an op writing into its arguments
+                    try:
+                        op, args, kwargs = _op_call(stmt, env)
+                    except Exception:
+                        return None
+                    workspace = kernel_workspace(op, args, kwargs, self.device)
+                    if workspace:
+                        self.labels.append(f"{scope}{op} (while it runs)")
+                        self.points.append(buffers.live + workspace)
+                    continue
                 else:
                     continue           # a generated kernel, an op writing into buffers it is given, an assert
                 self.points.append(buffers.live)

@@ -4,8 +4,8 @@ The model walks the graph in execution order: a node's output is allocated when 
 its last use; views, in-place writes (ops whose schema says the result aliases an input) and getitem share
 their base's storage; graph inputs are resident and not counted; graph outputs stay live to the end.
 An op's kernel may hold more while it runs (kernel_workspace: sparsecc::linear_cross_entropy's chunks by
-formula, oneDNN's reordered copies in a CPU convolution measured once per shape, the dense gradient of a weight
-gradient that runs as a GEMM + gather on a GPU). This is the eager executor's model (within 0.1-3 % of the
+formula, oneDNN's reordered copies in a CPU convolution and the CPU SwiGLU backward's float32 chunks measured once
+per shape, the dense gradient of a weight gradient that runs as a GEMM + gather on a GPU). This is the eager executor's model (within 0.1-3 % of the
 measurement on the test and benchmark models). For Inductor, compiled steps are counted from the wrapper Inductor
 generates (inductor_memory.py); fused=True is the fallback where that wrapper cannot be followed, and models two
 of Inductor's habits: a pointwise value read only by pointwise ops is computed inside their kernels and never
@@ -188,7 +188,8 @@ def kernel_workspace(target, args, kwargs, device) -> int:
                                                           for k, v in kwargs.items())))
 
 
-_MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+_MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default,
+             torch.ops.sparsecc.swiglu_grad_gate_.default, torch.ops.sparsecc.swiglu_grad_up_.default)
 _TENSOR = "tensor"      # marks a tensor's (shape, stride, dtype) in a measured op's cache key
 _SDDMM_OPS = {torch.ops.sparsecc.block_sddmm.default: "block_sddmm", torch.ops.sparsecc.nm_sddmm.default: "nm_sddmm",
               torch.ops.sparsecc.csr_sddmm.default: "csr_sddmm"}

@@ -16,6 +16,7 @@ from .passes.prune_backward import prune_backward
 from .passes.rematerialize import rematerialize
 from .passes.reorder_for_memory import reorder_for_memory
 from .passes.subtensor_grads import subtensor_grads
+from .passes.swiglu_backward_in_place import swiglu_backward_in_place
 from .report import Report, register
 
 CAPTURE_PASSES = [     # on the captured forward + loss of a training step, before the joint trace
@@ -28,14 +29,17 @@ PASSES = [
 TRAIN_STEP_PASSES = PASSES + [
     rematerialize,       # min-cut choice of what backward keeps vs recomputes, in one graph
     fuse_optimizer,      # each update right after its gradient; gradients become new params + state
+    swiglu_backward_in_place,  # a gated MLP's two backward gradients written into the inputs that die there
     reorder_for_memory,  # schedule the whole step for a lower peak of live bytes
 ]
 DATA_PARALLEL_STEP_PASSES = PASSES + [   # compile_train_step(..., process_group=...)
     rematerialize,
     all_reduce_gradients,  # average the kept gradients (k channels of a Channels weight) over ranks, in buckets
     fuse_optimizer,
+    swiglu_backward_in_place,
     reorder_for_memory,
 ]
+HOST_ONLY_PASSES = (swiglu_backward_in_place,)   # emit sparsecc:: ops even on the CPU path: not in portable graphs
 
 
 class PassVerificationError(RuntimeError):

@@ -29,8 +29,8 @@ from .optim import AdamW, SGD
 from .errors import ConfigError, human
 from .passes import Plan
 from .passes.sparsify import sparsify_step
-from .pipeline import (CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, TRAIN_STEP_PASSES, assemble_report, readable,
-                       run_passes)
+from .pipeline import (CAPTURE_PASSES, DATA_PARALLEL_STEP_PASSES, HOST_ONLY_PASSES, TRAIN_STEP_PASSES,
+                       assemble_report, readable, run_passes)
 from .report import Report
 
 
@@ -251,7 +251,8 @@ class TrainStep:
         with sdpa_kernel([SDPBackend.MATH]):       # and core ATen: no Inductor-only prims such as fma
             joint, plan = self._export(leaves, flatten((x, y))[1], {**core_aten_decompositions(), **PORTABLE},
                                        sparse_kernels=sparse_kernels)
-        joint, _, _ = self._run_passes(joint, plan, lambda gm: memory.liveness(gm).peak)   # run op by op
+        passes = [p for p in self._passes if p not in HOST_ONLY_PASSES]
+        joint, _, _ = self._run_passes(joint, plan, lambda gm: memory.liveness(gm).peak, passes)   # run op by op
         return joint, leaves
 
     def _compile(self, leaves, structure: Structure) -> _Compiled:
@@ -303,18 +304,18 @@ class TrainStep:
                 return planned.peak
         return memory.liveness(gm, fused=inductor).peak
 
-    def _run_passes(self, joint: fx.GraphModule, plan: Plan, peak) -> tuple[fx.GraphModule, list, dict]:
-        """The training passes on joint; under a memory budget, on copies of it at the least recomputation
+    def _run_passes(self, joint: fx.GraphModule, plan: Plan, peak, passes=None) -> tuple[fx.GraphModule, list, dict]:
+        """The training passes (default: the step's) on joint; under a memory budget, on copies of it at the least recomputation
         whose peak(graph) fits (memory_budget.py), recorded as a "memory_budget" entry of the report."""
-        budget = self.config.budget_bytes
+        budget, passes = self.config.budget_bytes, passes or self._passes
         if budget is None:
-            results, graphs = run_passes(joint, plan, self._passes)
+            results, graphs = run_passes(joint, plan, passes)
             return joint, results, graphs
 
         def evaluate(fraction):
             gm = clone_graph_module(joint)
             gm.meta.update(joint.meta)
-            results, graphs = run_passes(gm, plan, self._passes)
+            results, graphs = run_passes(gm, plan, passes)
             return (gm, results, graphs), memory_budget.point(fraction, peak(gm), gm)
         start = time.perf_counter()
         with progress.waiting(f"fitting the step into memory_budget={human(budget)}"):

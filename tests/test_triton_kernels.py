@@ -315,6 +315,34 @@ def adamw(lr, **kw):
     return lambda p: torch.optim.AdamW([p], lr=lr, **kw)
 
 
+def swiglu_case(dtype, shape):
+    """Both SwiGLU backward kernels in place (up <- d_gate, then g <- d_up) against float64 formulas; gate spans
+    the sigmoid's saturated ends."""
+    g, up = randn(*shape, dtype=dtype, seed=31), randn(*shape, dtype=dtype, seed=32)
+    gate = (randn(*shape, seed=33) * 6).to(dtype)
+    sigmoid = lambda z: torch.sigmoid(z)                                              # noqa: E731
+    d_gate = ref(lambda d, u, z: d * u * sigmoid(z) * (1 + z * (1 - sigmoid(z))), g, up, gate, dtype=dtype)
+    d_up = ref(lambda d, z: d * z * sigmoid(z), g, gate, dtype=dtype)
+    T.swiglu_backward(up, g, gate, "gate")
+    T.swiglu_backward(g, g, gate, "up")
+    return [(up, d_gate), (g, d_up)]
+
+
+@case
+def case_swiglu_backward_fp32():
+    return swiglu_case(torch.float32, (3, 45))       # 135 elements: three 64-element programs, the last ragged
+
+
+@case
+def case_swiglu_backward_bf16():
+    return swiglu_case(torch.bfloat16, (2, 7, 9))
+
+
+@case
+def case_swiglu_backward_fp16():
+    return swiglu_case(torch.float16, (64,))
+
+
 @case
 def case_sgd_nesterov_fp32():
     kw = {"momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
@@ -489,6 +517,8 @@ def production_calls() -> None:
     T.nm_mm_t(x, values2d, col2d, size, m=4)
     T.nm_sddmm(x, x, col2d, m=4)
     T.channels_weight_grad(x, x, torch.arange(0, size, 4), "in")
+    T.swiglu_backward(x, x, x, "gate")
+    T.swiglu_backward(x, x, x, "up")
 
 
 @pytest.fixture(scope="module")
@@ -533,7 +563,7 @@ def test_production_variants_compile_fit_and_do_not_spill(target, compiled, prod
     memory and spills no register (aot_compile checks both), block-sparse ones included at b = 16 ... 128."""
     sources = production_plans[target]
     kinds = {s.op for s in sources}
-    assert {"block_spmm", "block_sddmm", "csr_spmm", "csr_sddmm", "nm_mm", "channels_wgrad"} <= kinds, kinds
+    assert {"block_spmm", "block_sddmm", "csr_spmm", "csr_sddmm", "nm_mm", "channels_wgrad", "swiglu_backward"} <= kinds, kinds
     if target != "sm_87":                  # the Orin row has alternatives for fewer kernels
         assert sum(s.op == "block_spmm" for s in sources) >= 2 * 6, "several tuning candidates per call"
     failures = {s.name: compiled[s.name, target] for s in sources if compiled[s.name, target]}

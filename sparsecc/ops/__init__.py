@@ -15,4 +15,4 @@ def _(values, device):
     return torch.empty(len(values), dtype=torch.int64, device=device)
 
 
-from . import block_sparse, channels, csr, linear_cross_entropy  # noqa: E402,F401  (register the sparsecc:: ops)
+from . import block_sparse, channels, csr, linear_cross_entropy, swiglu  # noqa: E402,F401  (register the sparsecc:: ops)

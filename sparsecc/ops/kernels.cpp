@@ -1,10 +1,13 @@
 // CPU kernels for sparse weights: block-sparse and CSR SpMM (y = x @ W^T) and SDDMM (the weight gradient at
-// W's nonzeros), in float32 and float64, parallelised with OpenMP so that no two threads write the same output.
+// W's nonzeros), in float32 and float64, parallelised with OpenMP so that no two threads write the same output;
+// and the SwiGLU backward in place (float32, float64, bfloat16), which needs no temporaries.
 // Plain C ABI for ctypes (native.py): raw pointers, int64 sizes. Dense operands are contiguous row-major
 // [tokens, features]; block values may have any strides. Each function returns 0, or 1 if an index is out of
 // range (checked before anything is written).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -388,3 +391,46 @@ static int block_sddmm_any(const S* g, const S* x, i64 n, i64 n_out, i64 n_in, c
 
 SPARSECC_EXPORT(float, f32)
 SPARSECC_EXPORT(double, f64)
+
+// ---------------------------------------------------------------------------------------------------------------
+// The SwiGLU backward in place (ops/swiglu.py), over n contiguous elements: which 0: out (up) <- g * up * silu'(gate);
+// which 1: out (g itself) <- g * silu(gate). float math (double for double) rounded once; bfloat16 is stored as the
+// upper half of a float and rounded to nearest even, as torch rounds it.
+
+static inline float widen(float v) { return v; }
+static inline double widen(double v) { return v; }
+static inline float widen(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+static inline void store(float* p, float v) { *p = v; }
+static inline void store(double* p, double v) { *p = v; }
+static inline void store(uint16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u)          // NaN stays a (quiet) NaN
+                                       : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <typename S>
+static void swiglu_backward(S* out, const S* g, const S* gate, i64 n, int which, int nthreads) {
+  using C = decltype(widen(S()));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (i64 i = 0; i < n; ++i) {
+    const C z = widen(gate[i]), o = widen(out[i]);
+    const C s = C(1) / (C(1) + std::exp(-z));
+    store(out + i, which == 0 ? widen(g[i]) * o * (s * (C(1) + z * (C(1) - s))) : o * (z * s));
+  }
+}
+
+#define SPARSECC_EXPORT_POINTWISE(S, sfx)                                                                            \
+  extern "C" int sparsecc_swiglu_backward_##sfx(S* out, const S* g, const S* gate, i64 n, int which, int nthreads) { \
+    swiglu_backward<S>(out, g, gate, n, which, nthreads);                                                            \
+    return 0;                                                                                                        \
+  }
+
+SPARSECC_EXPORT_POINTWISE(float, f32)
+SPARSECC_EXPORT_POINTWISE(double, f64)
+SPARSECC_EXPORT_POINTWISE(uint16_t, bf16)

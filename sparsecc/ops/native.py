@@ -14,6 +14,8 @@ Inputs are made contiguous (a copy if they are not), except block_spmm's values,
     csr_spmm(x, crow, col, values, n_out)    y = x @ W^T, W [n_out, n_in] in CSR; the input gradient g @ W is
                                              csr_spmm(g, ...) on the CSR of W^T (its values are W's values permuted)
     csr_sddmm(g, x, crow, col)               vals [nnz]: vals[k] = sum_t g[t, row(k)] * x[t, col[k]]
+    swiglu_backward(out, g, gate, which)     in place, float32/float64/bfloat16, contiguous: "gate": out (up) <-
+                                             g * up * silu'(gate); "up": out (g itself) <- g * silu(gate)
 The kernels use torch.get_num_threads() threads; OpenMP is shared with torch (both load libgomp.so.1).
 """
 from __future__ import annotations
@@ -43,6 +45,9 @@ _SIGNATURES = {  # argument types of each exported function (pointers, then size
     "csr_spmm": [_P, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _INT],
     "csr_sddmm": [_P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _INT],
 }
+_POINTWISE = {"swiglu_backward": [_P, _P, _P, _I64, _INT, _INT]}   # also for bfloat16
+_POINTWISE_SUFFIX = {**_SUFFIX, torch.bfloat16: "bf16"}
+POINTWISE_DTYPES = tuple(_POINTWISE_SUFFIX)
 
 
 def _host() -> str:
@@ -91,6 +96,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         for sfx in _SUFFIX.values():
             fn = getattr(lib, f"sparsecc_{name}_{sfx}")
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    for name, argtypes in _POINTWISE.items():
+        for sfx in _POINTWISE_SUFFIX.values():
+            fn = getattr(lib, f"sparsecc_{name}_{sfx}")
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib, None
 
 
@@ -99,10 +108,11 @@ def available() -> bool:
     return _load()[0] is not None
 
 
-def usable(t: torch.Tensor) -> bool:
-    """Whether the kernels can take this operand: a CPU float32/float64 tensor, kernels built, not disabled
-    (SPARSECC_NATIVE=0 makes the ops use their PyTorch fallbacks)."""
-    return t.device.type == "cpu" and t.dtype in _SUFFIX and os.environ.get("SPARSECC_NATIVE") != "0" \
+def usable(t: torch.Tensor, dtypes=tuple(_SUFFIX)) -> bool:
+    """Whether the kernels can take this operand: a CPU tensor of one of dtypes (the sparse kernels': float32,
+    float64; POINTWISE_DTYPES for swiglu_backward), kernels built, not disabled (SPARSECC_NATIVE=0 makes the ops use
+    their PyTorch fallbacks)."""
+    return t.device.type == "cpu" and t.dtype in dtypes and os.environ.get("SPARSECC_NATIVE") != "0" \
         and available()
 
 
@@ -191,3 +201,21 @@ def csr_sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.T
     vals = g.new_zeros(col.shape[0])
     _call("csr_sddmm", fn, g, x, g.shape[0], g.shape[1], x.shape[1], crow, col, col.shape[0], vals)
     return vals
+
+
+def swiglu_backward(out: torch.Tensor, g: torch.Tensor, gate: torch.Tensor, which: str) -> None:
+    """In place (ops/swiglu.py): which="gate": out (up) <- g * up * silu'(gate); "up": out (g; pass it as g too) <-
+    g * silu(gate). CPU float32/float64/bfloat16 tensors of one shape, contiguous."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"sparsecc native kernels unavailable: {why}")
+    if out.dtype not in _POINTWISE_SUFFIX:
+        raise TypeError(f"sparsecc native swiglu_backward: float32, float64 or bfloat16, got {out.dtype}")
+    for t in (out, g, gate):
+        if t.device.type != "cpu" or t.dtype != out.dtype or t.shape != out.shape or not t.is_contiguous():
+            raise TypeError(f"sparsecc native swiglu_backward: contiguous CPU {out.dtype} tensors of shape "
+                            f"{tuple(out.shape)}, got {t.device} {t.dtype} {tuple(t.shape)}")
+    if which not in ("gate", "up"):
+        raise ValueError(f"which must be 'gate' or 'up', got {which!r}")
+    fn = getattr(lib, f"sparsecc_swiglu_backward_{_POINTWISE_SUFFIX[out.dtype]}")
+    _call("swiglu_backward", fn, out, g, gate, out.numel(), 0 if which == "gate" else 1)

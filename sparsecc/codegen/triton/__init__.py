@@ -27,6 +27,7 @@ Launchers (same arguments as sparsecc.ops.native's CPU kernels where one exists)
     channels_weight_grad(g, x, idx_or_k, dim)        g^T @ x[:, idx] (dim="in") or g[:, idx]^T @ x (dim="out")
     sgd_rows(param, grad, rows, momentum_buffer, lr=, momentum=, weight_decay=, nesterov=)
     adamw_rows(param, grad, rows, exp_avg, exp_avg_sq, lr=, step=, betas=, eps=, weight_decay=)
+    swiglu_backward(out, g, gate, which)   the SwiGLU backward in place: "gate": up <- g*up*silu'(gate); "up": g <- g*silu(gate)
 Run them on CUDA/ROCm tensors, or on CPU tensors with TRITON_INTERPRET=1 set before the first kernel is generated.
 """
 from .aot import GPU_TARGETS, AOTError, aot_compile, compile_all
@@ -34,10 +35,10 @@ from . import configs, tune
 from .configs import CONFIGS, SHARED_MEMORY, TARGETS, TUNING, config
 from .generator import Kernel, dump_sources, generated_kernels, generated_sources, interpreting
 from .launch import (adamw_rows, block_sddmm, block_spmm, channels_weight_grad, csr_sddmm, csr_spmm, nm_mm, nm_mm_t,
-                     nm_sddmm, planned, sgd_rows, target_of)
+                     nm_sddmm, planned, sgd_rows, swiglu_backward, target_of)
 
 __all__ = ["CONFIGS", "GPU_TARGETS", "SHARED_MEMORY", "TARGETS", "TUNING", "AOTError", "configs", "tune", "Kernel",
            "adamw_rows", "aot_compile",
            "block_sddmm", "block_spmm", "channels_weight_grad", "compile_all", "config", "csr_sddmm", "csr_spmm",
            "dump_sources", "generated_kernels", "generated_sources", "interpreting", "nm_mm", "nm_mm_t", "nm_sddmm",
-           "planned", "sgd_rows", "target_of"]
+           "planned", "sgd_rows", "swiglu_backward", "target_of"]

@@ -85,6 +85,8 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
                        keys=("BLOCK_M", "BLOCK_N")),
     "adamw_rows": _table((4, 256, 4, 1), (4, 256, 4, 1), (8, 256, 8, 1), (4, 256, 4, 1), (4, 32, 1, 1),
                          keys=("BLOCK_M", "BLOCK_N")),
+    # swiglu_backward: elementwise over BLOCK_N contiguous elements (8 per thread on 4-8 warps: 16-byte accesses).
+    "swiglu_backward": _table((1024, 4, 1), (1024, 4, 1), (2048, 8, 1), (2048, 8, 1), (64, 1, 1), keys=("BLOCK_N",)),
 }
 
 

@@ -558,3 +558,20 @@ def adamw_rows(param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor | int
          (triton.cdiv(k, cfg["BLOCK_M"]), triton.cdiv(param.shape[1], cfg["BLOCK_N"])),
          (param, grad, *index, k, param.shape[1], *param.stride(), *grad.stride(), exp_avg, exp_avg_sq,
           *exp_avg.stride(), *scalars, 1 - beta1, beta2, 1 - beta2, eps), cfg)
+
+
+def swiglu_backward(out: torch.Tensor, g: torch.Tensor, gate: torch.Tensor, which: str) -> None:
+    """In place, all contiguous and of one shape: which="gate": out (up) <- g * up * silu'(gate); which="up": out (g
+    itself; pass it as g too) <- g * silu(gate)."""
+    if which not in ("gate", "up"):
+        raise ValueError(f"which must be 'gate' or 'up', got {which!r}")
+    dtype = _dtype(out, g, gate)
+    if not (out.shape == g.shape == gate.shape and out.is_contiguous() and g.is_contiguous() and gate.is_contiguous()):
+        raise ValueError(f"the SwiGLU backward takes contiguous tensors of one shape, got {tuple(out.shape)}, "
+                         f"{tuple(g.shape)}, {tuple(gate.shape)}")
+    n = out.numel()
+    if n == 0:
+        return
+    cfg = config("swiglu_backward", target_of(out.device))
+    _run(templates.swiglu_backward(dtype, cfg["BLOCK_N"], which), (triton.cdiv(n, cfg["BLOCK_N"]),),
+         (out, *((g,) if which == "gate" else ()), gate, n), cfg)

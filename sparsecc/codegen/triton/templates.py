@@ -637,3 +637,24 @@ def adamw_rows(dtype: str, BLOCK_M: int, BLOCK_N: int, indexed: bool, device_sca
     tl.store(p_at, (w * decay - step_size * (avg / denom)).to({TL[dtype]}), mask=mask)
 """
     return _render("adamw_rows", name, adamw_rows.__doc__.splitlines()[0], args, body)
+
+
+def swiglu_backward(dtype: str, BLOCK_N: int, which: str) -> Source:
+    """The SwiGLU backward in place over N contiguous elements: "gate" writes g * up * silu'(gate) into up,
+    "up" writes g * silu(gate) into g (float32 math, rounded once)."""
+    name = _name("swiglu_backward", dtype, BN=BLOCK_N, w=which)
+    out = ("out", f"*{dtype}", "up, overwritten with the gradient of gate" if which == "gate" else
+           "g, the gradient of silu(gate) * up, overwritten with the gradient of up")
+    args = [out, *([("g", f"*{dtype}", "the gradient of silu(gate) * up")] if which == "gate" else []),
+            ("gate", f"*{dtype}", "the gate projection's output"), ("N", "i64", "elements")]
+    result = "d * o * (s * (1.0 + z * (1.0 - s)))" if which == "gate" else "o * (z * s)"
+    body = f"""
+    offs = tl.program_id(0).to(tl.int64) * {BLOCK_N} + tl.arange(0, {BLOCK_N})
+    mask = offs < N
+    z = tl.load(gate + offs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out + offs, mask=mask, other=0.0).to(tl.float32)
+    {"d = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)" if which == "gate" else ""}
+    s = tl.sigmoid(z)
+    tl.store(out + offs, ({result}).to({TL[dtype]}), mask=mask)
+"""
+    return _render("swiglu_backward", name, swiglu_backward.__doc__.splitlines()[0], args, body)
