@@ -108,6 +108,8 @@ NAMESPACE = {"torch": torch, "aten": torch.ops.aten, "inf": math.inf, "nan": mat
              "empty_strided_cpu_pinned": _empty_strided,
              "extern_kernels": torch._C._VariableFunctions}
 _OPS = ("torch.ops.", "aten.", "extern_kernels.")
+_EXTERN_OPS = {"mm": torch.ops.aten.mm.default, "addmm": torch.ops.aten.addmm.default,    # extern_kernels.<name>(...,
+               "bmm": torch.ops.aten.bmm.default}                                         # out=): what may allocate
 # assignments that allocate nothing: streams, devices; copy_if_misaligned (copy_misaligned in other torch versions)
 # returns a CUDA input itself unless it is not 16-byte aligned (PyTorch's allocator aligns every tensor it hands out)
 _SETUP = ("get_raw_stream", "torch.cuda", "torch.xpu", "copy_if_misaligned", "copy_misaligned")
@@ -256,6 +258,18 @@ class _Walk:
                     return None        # a name this does not know how to size
                 elif stmt.startswith(_OPS) and "out=" not in stmt and not _writes_in_place(stmt, env):
                     return None        # an op whose results are not named: not something this follows
+                elif stmt.startswith("extern_kernels.") and "out=" in stmt:    # a library kernel into a given buffer
+                    try:
+                        op, args, kwargs = _op_call(stmt, env)
+                    except Exception:
+                        return None
+                    target = _EXTERN_OPS.get(getattr(op, "__name__", ""))
+                    workspace = target and kernel_workspace(target, args, {k: v for k, v in kwargs.items()
+                                                                           if k != "out"}, self.device)
+                    if workspace:
+                        self.labels.append(f"{scope}{stmt[:stmt.index('(')]} (while it runs)")
+                        self.points.append(buffers.live + workspace)
+                    continue
                 elif stmt.startswith(_OPS) and "out=" not in stmt:    # an op writing into its arguments
                     try:
                         op, args, kwargs = _op_call(stmt, env)

@@ -4,8 +4,8 @@ The model walks the graph in execution order: a node's output is allocated when 
 its last use; views, in-place writes (ops whose schema says the result aliases an input) and getitem share
 their base's storage; graph inputs are resident and not counted; graph outputs stay live to the end.
 An op's kernel may hold more while it runs (kernel_workspace: sparsecc::linear_cross_entropy's chunks by
-formula, oneDNN's reordered copies in a CPU convolution and the CPU SwiGLU backward's float32 chunks measured once
-per shape, the dense gradient of a weight gradient that runs as a GEMM + gather on a GPU). This is the eager executor's model (within 0.1-3 % of the
+formula, oneDNN's reordered copies in a CPU convolution and packed operands in a bfloat16 CPU matmul, and the CPU
+SwiGLU backward's float32 chunks where it cannot run its C++ kernel, measured once per shape, the dense gradient of a weight gradient that runs as a GEMM + gather on a GPU). This is the eager executor's model (within 0.1-3 % of the
 measurement on the test and benchmark models). For Inductor, compiled steps are counted from the wrapper Inductor
 generates (inductor_memory.py); fused=True is the fallback where that wrapper cannot be followed, and models two
 of Inductor's habits: a pointwise value read only by pointwise ops is computed inside their kernels and never
@@ -162,7 +162,8 @@ def kernel_workspace(target, args, kwargs, device) -> int:
     """Memory an op's kernel holds only while it runs, beyond its outputs: sparsecc::linear_cross_entropy's chunk
     buffers (its formula; measured once per shape for float16/bfloat16 on the CPU, where oneDNN's reduced-precision
     matmul copies an operand); for a CPU convolution and its backward, oneDNN's reordered copies of inputs, weights
-    and outputs (measured once per shape: that depends on oneDNN's choice of layout); a sparse weight gradient that
+    and outputs, and for a bfloat16 CPU matmul (mm, addmm, bmm) oneDNN's packed operands (measured once per shape
+    and strides: that depends on oneDNN's choice of layout; float32 and float16 matmuls allocate nothing); a sparse weight gradient that
     runs as the dense GEMM + gather on this GPU (as measured there: ops/tuning.sddmm_choice), the dense [out, in]
     gradient; else 0."""
     if target not in _WORKSPACE_OPS:        # every other op the Inductor-plan walker meets
@@ -174,6 +175,8 @@ def kernel_workspace(target, args, kwargs, device) -> int:
         rows = args[3].shape[0] * 8 if target is torch.ops.sparsecc.csr_sddmm.default else 0   # each nonzero's row
         return g.shape[1] * x.shape[1] * x.element_size() + rows if gemm else 0
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if target in _MATMULS and not any(t.dtype == torch.bfloat16 for t in tensors):
+        return 0
     measurable = device is not None and device.type == "cpu" and \
         all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride()))      # not symbolic
     if target is torch.ops.sparsecc.linear_cross_entropy.default:
@@ -185,11 +188,13 @@ def kernel_workspace(target, args, kwargs, device) -> int:
     spec = tuple((_TENSOR, tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
                  tuple(a) if isinstance(a, list) else a for a in args)
     return _measured_workspace(target, spec, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                                          for k, v in kwargs.items())))
+                                                          for k, v in kwargs.items())),
+                               tuple(os.environ.get(v) for v in ("SPARSECC_NATIVE", "SPARSECC_TRITON")))
 
 
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
 _MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default,
-             torch.ops.sparsecc.swiglu_grad_gate_.default, torch.ops.sparsecc.swiglu_grad_up_.default)
+             torch.ops.sparsecc.swiglu_grad_gate_.default, torch.ops.sparsecc.swiglu_grad_up_.default, *_MATMULS)
 _TENSOR = "tensor"      # marks a tensor's (shape, stride, dtype) in a measured op's cache key
 _SDDMM_OPS = {torch.ops.sparsecc.block_sddmm.default: "block_sddmm", torch.ops.sparsecc.nm_sddmm.default: "nm_sddmm",
               torch.ops.sparsecc.csr_sddmm.default: "csr_sddmm"}
@@ -197,7 +202,8 @@ _WORKSPACE_OPS = (torch.ops.sparsecc.linear_cross_entropy.default, *_MEASURED, *
 
 
 @functools.lru_cache(maxsize=1024)
-def _measured_workspace(target, spec: tuple, kwargs: tuple) -> int:
+def _measured_workspace(target, spec: tuple, kwargs: tuple, implementation: tuple) -> int:
+    """The measurement, once per op, operands, and the switches choosing its implementation (sparsecc's own ops)."""
     args = [(torch.empty_strided(a[1], a[2], dtype=a[3]).zero_() if a[:1] == (_TENSOR,) else list(a))
             if isinstance(a, tuple) else a for a in spec]
     outputs = []

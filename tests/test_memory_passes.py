@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import sparsecc
-from sparsecc.memory import liveness, storage_roots, writes_input
+from sparsecc.memory import liveness, measure_peak, storage_roots, writes_input
 from sparsecc.passes import Plan
 from sparsecc.passes import reorder_for_memory as rfm
 from sparsecc.pipeline import TRAIN_STEP_PASSES, run_passes
@@ -127,6 +127,28 @@ def test_inductor_buffer_plan_counted_by_hand():
     # a statement it cannot follow (an op whose results are not named) gives no plan rather than a wrong one
     assert timeline(WRAPPER.replace("    buf6 = empty", "    torch.ops.aten.foo.default(buf5)\n    buf6 = empty"),
                     [torch.randn(8, 16), torch.randn(8, 16)]) is None
+
+
+CPU_MM_WRAPPER = """
+def call(self, args):
+    arg0_1, arg1_1 = args
+    args.clear()
+    buf0 = empty_strided_cpu((64, 32), (32, 1), torch.bfloat16)
+    extern_kernels.mm(arg0_1, reinterpret_tensor(arg1_1, (1024, 32), (1, 1024), 0), out=buf0)
+    return (buf0, )
+"""
+
+
+def test_the_walker_counts_a_bfloat16_cpu_matmuls_packed_operands():
+    """On the CPU oneDNN packs a bfloat16 matmul's operands into buffers of its own while it runs (float32: none):
+    the plan's peak is the measured peak of the same matmul, and the float32 plan is its output alone."""
+    from sparsecc.inductor_memory import timeline
+    x, w = torch.randn(64, 1024).bfloat16(), torch.randn(32, 1024).bfloat16()
+    plan = timeline(CPU_MM_WRAPPER, [x, w])
+    assert plan.peak == measure_peak(lambda: torch.mm(x, w.t())) > 64 * 32 * 2
+    assert "extern_kernels.mm (while it runs)" in plan.names
+    f32 = timeline(CPU_MM_WRAPPER.replace("bfloat16", "float32"), [x.float(), w.float()])
+    assert f32.peak == 64 * 32 * 4
 
 
 CUDA_WRAPPER = """

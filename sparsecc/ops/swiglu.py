@@ -48,7 +48,7 @@ def _chunks(*tensors: torch.Tensor):
 def swiglu_grad_gate_(up: torch.Tensor, g: torch.Tensor, gate: torch.Tensor) -> None:
     _check(up, g, gate)
     if use_triton(up) and up.dtype in TRITON_DTYPES:
-        triton_kernels().swiglu_backward(up, g, gate, "gate")
+        triton_kernels().swiglu_backward(up, g.contiguous(), gate.contiguous(), "gate")
         return
     if native.usable(up, native.POINTWISE_DTYPES) and g.is_contiguous() and gate.is_contiguous():
         native.swiglu_backward(up, g, gate, "gate")
@@ -69,7 +69,7 @@ def _(up, g, gate):
 def swiglu_grad_up_(g: torch.Tensor, gate: torch.Tensor) -> None:
     _check(g, gate)
     if use_triton(g) and g.dtype in TRITON_DTYPES:
-        triton_kernels().swiglu_backward(g, g, gate, "up")
+        triton_kernels().swiglu_backward(g, g, gate.contiguous(), "up")
         return
     if native.usable(g, native.POINTWISE_DTYPES) and gate.is_contiguous():
         native.swiglu_backward(g, g, gate, "up")

@@ -15,21 +15,23 @@ identities) equals g * silu(gate) to 1e-9; a node over g, gate and a third tenso
 g * up * silu'(gate). The rewrite is exact up to rounding: the ops compute in float32 and round once, where the graph
 rounded at its conversions.
 
-It is applied only where it is provably safe in the graph's order, else skipped with the reason in the report:
+It is applied only where it is provably safe in the graph's order and saves memory, else skipped with the reason
+in the report:
 g, gate and up are contiguous values of the same dtype computed in the graph (not inputs, not returned), in three
 different storages, defined before the first reader of either gradient, and nothing reads up's or g's storage from
-there on except through the gradients. The ops then run right before that first reader. An in-place write of an
-intermediate is a write reorder_for_memory keeps ordered (memory.writes_input), and Inductor re-inplaces them after
-functionalizing (copying instead wherever an old value were still read).
+there on except through the gradients; and the ops' kernels hold less than the buffer they save (always, but for
+the CPU fallback of a dtype or machine without the C++ kernel). The ops then run right before that first reader. An
+in-place write of an intermediate is a write reorder_for_memory keeps ordered (memory.writes_input), and Inductor
+re-inplaces them after functionalizing (copying instead wherever an old value were still read).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from ..graph import call
-from ..memory import aliases_input, storage_roots, writes_input
-from .. import ops  # noqa: F401  (registers the sparsecc:: ops)
+from ..errors import human
+from ..graph import call, nbytes
+from ..memory import aliases_input, kernel_workspace, storage_roots, writes_input
 from . import PassResult, Plan
 from .dce import eliminate_dead_code
 
@@ -201,6 +203,14 @@ def _unsafe(gm: fx.GraphModule, g, gate, up, d_up, d_gate, interior) -> tuple[st
     first = min(readers, key=order.__getitem__)
     if any(order[leaf] > order[first] for leaf in (g, gate, up)):
         return f"an input is computed after {first.name}, the first reader of a gradient", None
+    saved = nbytes(_value(up))
+    for op, args in ((torch.ops.sparsecc.swiglu_grad_gate_.default, (up, g, gate)),
+                     (torch.ops.sparsecc.swiglu_grad_up_.default, (g, gate))):
+        values = [_value(a) for a in args]
+        workspace = kernel_workspace(op, values, {}, values[0].device)
+        if workspace >= saved:       # the CPU fallback's float32 chunks (no C++ kernel for this dtype or machine)
+            return f"{op._opname}'s temporaries ({human(workspace)}) outweigh the buffer it saves ({human(saved)})", \
+                None
     dying = _dying(d_up, d_gate, interior)
     written = {roots[g], roots[up]}
     for node in gm.graph.nodes:
