@@ -17,12 +17,15 @@ The Channels weight gradient is compared with a gathered slice fed to torch.mm, 
 sparsecc op graphs call (the kernel or slice + cuBLAS, whichever the cost model measured faster); the fused
 optimizer updates with
 torch.optim's foreach update of the gathered rows (index_select, update, index_copy_), in GB/s of parameter, grad
-and state traffic. Without a GPU it says so and exits 0: the kernels' correctness is tested in the interpreter
+and state traffic. The SwiGLU backward in place (swiglu_backward_in_place's two kernels: d_gate into up, d_up into g)
+is compared with the two gradients computed by Inductor's fused kernel (torch.compile) and by eager PyTorch, at a
+6.7 B Llama's MLP width (11008) over the section's tokens, in TB/s of the minimal traffic (three tensors read, two
+written). Without a GPU it says so and exits 0: the kernels' correctness is tested in the interpreter
 (tests/test_triton_kernels.py), not here.
 
 Each section runs in bf16, then fp16 (bf16 only with --quick; SPARSECC_BENCH_DTYPES=bfloat16,float16 chooses).
 
-usage: python benchmarks/bench_triton.py [--rounds 20] [--quick] [--only blocks|csr|nm|channels|optim]
+usage: python benchmarks/bench_triton.py [--rounds 20] [--quick] [--only blocks|csr|nm|channels|optim|swiglu]
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 from common import cli, interleaved_medians
 
-SECTIONS = ("blocks", "csr", "nm", "channels", "optim")
+SECTIONS = ("blocks", "csr", "nm", "channels", "optim", "swiglu")
 warnings.filterwarnings("ignore", ".*Sparse (CSR|BSR) tensor support is in beta.*")
 
 
@@ -231,6 +234,27 @@ def optim_section(T, size, dtype, rounds):
             "torch": lambda: torch_step(adamw)}), rounds), unit="TB/s")
 
 
+def swiglu_gradients(g, gate, up):
+    s = torch.sigmoid(gate.float())
+    return ((g.float() * up.float() * s * (1 + gate.float() * (1 - s))).to(g.dtype),
+            (g.float() * gate.float() * s).to(g.dtype))
+
+
+def swiglu_section(T, tokens, width, dtype, rounds):
+    print(f"\nthe SwiGLU backward over [{tokens}, {width}] {dtype}: in place (d_gate into up, d_up into g) vs the "
+          "two gradients allocated fresh")
+    g, gate, up = (torch.randn(tokens, width, device="cuda", dtype=dtype) for _ in range(3))
+    fused = torch.compile(swiglu_gradients)
+    fused(g, gate, up)
+
+    def in_place():
+        T.swiglu_backward(up, g, gate, "gate")
+        T.swiglu_backward(g, g, gate, "up")
+    row("SwiGLU backward", 5 * g.numel() * g.element_size(), interleaved_medians(synced({
+        "sparsecc": in_place, "inductor": lambda: fused(g, gate, up),
+        "eager": lambda: swiglu_gradients(g, gate, up)}), rounds), unit="TB/s")
+
+
 def main():
     args = cli(__doc__, rounds=20, sections=SECTIONS)
     if not torch.cuda.is_available():
@@ -252,7 +276,9 @@ def main():
                     "csr": lambda: csr_section(T, size, tokens, dtype, args.rounds),
                     "nm": lambda: nm_section(T, size, tokens, dtype, args.rounds),
                     "channels": lambda: channels_section(T, size, tokens, dtype, args.rounds),
-                    "optim": lambda: optim_section(T, size, dtype, args.rounds)}
+                    "optim": lambda: optim_section(T, size, dtype, args.rounds),
+                    "swiglu": lambda: swiglu_section(T, tokens // 2 if args.quick else 2048,
+                                                     1376 if args.quick else 11008, dtype, args.rounds)}
         for name, run in sections.items():
             if args.only in (None, name):
                 run()

@@ -11,15 +11,16 @@ steps by name, in the order given; the default runs those marked *, which fit on
 * llm_memory       benchmarks/bench_llm_memory.py --only gpu --rounds 3: the 0.74 B and 6.7 B sparse-update steps,
                    training memory against Inductor + freezing (issue 14's GPU goal)
   llm_budget       the same at 6.7 B only, with a sparsecc row under memory_budget= 88 % of its modelled peak
-                   (modelled on a CPU, scripts/model_gpu_plan.py: about 0.37x of the GPT's 1,729 MiB Inductor +
-                   freezing, the default 0.42x; its search takes minutes: a command of its own, --steps env,llm_budget)
+                   (modelled on a CPU, scripts/model_gpu_plan.py: the default 0.37x of the GPT's 1,729 MiB Inductor
+                   + freezing since the SwiGLU backward is written in place, 0.42x before it, when the budget's floor
+                   was 0.36x; its search takes minutes: a command of its own, --steps env,llm_budget)
 * kernels          every case of tests/test_triton_kernels.py on CUDA against its float64 reference and tolerance
                    (as /work/shared/gpu/kernels_on_gpu.py did), then the launchers at a model's sizes (4096 tokens:
                    the large tiles, tuning candidates and split-K choices the interpreter never runs) against fp32
                    dense references
   cost_model       the cost model deciding a few 4096 x 4096 bf16 shapes on the GPU (blocks, transposable 2:4,
                    unstructured): seconds per shape and each decision's text
-* bench_<section>  benchmarks/bench_triton.py --only <section> --rounds 5 (blocks*, nm*, channels, csr)
+* bench_<section>  benchmarks/bench_triton.py --only <section> --rounds 5 (blocks*, nm*, channels, csr, swiglu)
   train_<part>     benchmarks/bench_gpu_train.py --only <part> --rounds 5 (weights*, update)
 Without a CUDA GPU it says so, writes the summary and exits 0 (so CI can run it).
 """
@@ -41,7 +42,7 @@ STEPS = [  # (name, seconds allowed, command)
     ("kernels", 110, [sys.executable, __file__, "--step", "kernels"]),
     ("cost_model", 40, [sys.executable, __file__, "--step", "cost_model"]),
     *[(f"bench_{s}", t, [sys.executable, "benchmarks/bench_triton.py", "--only", s, "--rounds", "5"])
-      for s, t in (("blocks", 55), ("nm", 30), ("channels", 20), ("csr", 20))],
+      for s, t in (("blocks", 55), ("nm", 30), ("channels", 20), ("csr", 20), ("swiglu", 40))],
     *[(f"train_{p}", t, [sys.executable, "benchmarks/bench_gpu_train.py", "--only", p, "--rounds", "5"])
       for p, t in (("weights", 150), ("update", 50))],
     ("llm_budget", 560, ["env", "SPARSECC_BENCH_BUDGET=0.88", "SPARSECC_BENCH_SIZES=6.7B", sys.executable,

@@ -78,7 +78,8 @@ def main() -> int:
     gm, example, state = step_graph(args.size, args.layers, args.memory_budget)
     fake_cuda.install()
     gm, inputs = fake_cuda.on_cuda(gm, example)
-    code = _torch.inductor_wrapper_code(gm, inputs)
+    with train_step.inductor_settings(gm):    # as compile_train_step hands the step to Inductor
+        code = _torch.inductor_wrapper_code(gm, inputs)
     plan = inductor_memory.timeline(code, inputs) if code else None
     if plan is None:
         print("no plan: Inductor's wrapper could not be generated or followed")
