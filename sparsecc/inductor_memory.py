@@ -258,26 +258,17 @@ class _Walk:
                     return None        # a name this does not know how to size
                 elif stmt.startswith(_OPS) and "out=" not in stmt and not _writes_in_place(stmt, env):
                     return None        # an op whose results are not named: not something this follows
-                elif stmt.startswith("extern_kernels.") and "out=" in stmt:    # a library kernel into a given buffer
-                    try:
+                elif stmt.startswith(_OPS) and ("out=" not in stmt or stmt.startswith("extern_kernels.")):
+                    try:               # an op writing into its arguments, or a library kernel into a given buffer
                         op, args, kwargs = _op_call(stmt, env)
                     except Exception:
                         return None
-                    target = _EXTERN_OPS.get(getattr(op, "__name__", ""))
-                    workspace = target and kernel_workspace(target, args, {k: v for k, v in kwargs.items()
-                                                                           if k != "out"}, self.device)
+                    if stmt.startswith("extern_kernels."):
+                        op = _EXTERN_OPS.get(getattr(op, "__name__", ""), op)
+                    workspace = kernel_workspace(op, args, {k: v for k, v in kwargs.items() if k != "out"},
+                                                 self.device)
                     if workspace:
                         self.labels.append(f"{scope}{stmt[:stmt.index('(')]} (while it runs)")
-                        self.points.append(buffers.live + workspace)
-                    continue
-                elif stmt.startswith(_OPS) and "out=" not in stmt:    # an op writing into its arguments
-                    try:
-                        op, args, kwargs = _op_call(stmt, env)
-                    except Exception:
-                        return None
-                    workspace = kernel_workspace(op, args, kwargs, self.device)
-                    if workspace:
-                        self.labels.append(f"{scope}{op} (while it runs)")
                         self.points.append(buffers.live + workspace)
                     continue
                 else:

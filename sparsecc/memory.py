@@ -5,7 +5,8 @@ its last use; views, in-place writes (ops whose schema says the result aliases a
 their base's storage; graph inputs are resident and not counted; graph outputs stay live to the end.
 An op's kernel may hold more while it runs (kernel_workspace: sparsecc::linear_cross_entropy's chunks by
 formula, oneDNN's reordered copies in a CPU convolution and packed operands in a bfloat16 CPU matmul, and the CPU
-SwiGLU backward's float32 chunks where it cannot run its C++ kernel, measured once per shape, the dense gradient of a weight gradient that runs as a GEMM + gather on a GPU). This is the eager executor's model (within 0.1-3 % of the
+SwiGLU backward's float32 chunks where it cannot run its C++ kernel, measured once per shape, the dense gradient of
+a weight gradient that runs as a GEMM + gather on a GPU). This is the eager executor's model (within 0.1-3 % of the
 measurement on the test and benchmark models). For Inductor, compiled steps are counted from the wrapper Inductor
 generates (inductor_memory.py); fused=True is the fallback where that wrapper cannot be followed, and models two
 of Inductor's habits: a pointwise value read only by pointwise ops is computed inside their kernels and never
@@ -28,7 +29,7 @@ import torch.fx as fx
 from torch.profiler import ProfilerActivity, profile
 
 from ._torch import memory_timeline
-from .ops import linear_cross_entropy, tuning
+from .ops import linear_cross_entropy, swiglu, tuning
 from .graph import nbytes
 
 
@@ -163,9 +164,9 @@ def kernel_workspace(target, args, kwargs, device) -> int:
     buffers (its formula; measured once per shape for float16/bfloat16 on the CPU, where oneDNN's reduced-precision
     matmul copies an operand); for a CPU convolution and its backward, oneDNN's reordered copies of inputs, weights
     and outputs, and for a bfloat16 CPU matmul (mm, addmm, bmm) oneDNN's packed operands (measured once per shape
-    and strides: that depends on oneDNN's choice of layout; float32 and float16 matmuls allocate nothing); a sparse weight gradient that
-    runs as the dense GEMM + gather on this GPU (as measured there: ops/tuning.sddmm_choice), the dense [out, in]
-    gradient; else 0."""
+    and strides: that depends on oneDNN's choice of layout; float32 and float16 matmuls allocate nothing); a sparse
+    weight gradient that runs as the dense GEMM + gather on this GPU (as measured there: ops/tuning.sddmm_choice),
+    the dense [out, in] gradient; else 0."""
     if target not in _WORKSPACE_OPS:        # every other op the Inductor-plan walker meets
         return 0
     if target in _SDDMM_OPS:
@@ -193,8 +194,8 @@ def kernel_workspace(target, args, kwargs, device) -> int:
 
 
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-_MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default,
-             torch.ops.sparsecc.swiglu_grad_gate_.default, torch.ops.sparsecc.swiglu_grad_up_.default, *_MATMULS)
+_MEASURED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default, *swiglu.IN_PLACE_OPS,
+             *_MATMULS)
 _TENSOR = "tensor"      # marks a tensor's (shape, stride, dtype) in a measured op's cache key
 _SDDMM_OPS = {torch.ops.sparsecc.block_sddmm.default: "block_sddmm", torch.ops.sparsecc.nm_sddmm.default: "nm_sddmm",
               torch.ops.sparsecc.csr_sddmm.default: "csr_sddmm"}

@@ -21,7 +21,7 @@ from ._torch import (FakeTensorMode, aot_export_module, compile_fx_with_code, co
                      inductor_config, select_decomp_table, unwrapped, wrappers)
 from .calling import MASK_PREFIX, Structure, call_model, first_alias, flatten, leaf_names, model_loss
 from .capture import capture
-from .ops import linear_cross_entropy
+from .ops import linear_cross_entropy, swiglu
 from .config import Channels, Config
 from .distributed import fsdp_sharded
 from .graph import call, clone_graph_module, output_values, set_output_values
@@ -119,9 +119,8 @@ def inductor_settings(gm: fx.GraphModule):
     217.54 without; the sparse-update step 137.57 with it, 120.56 without; the 6.7 B GPU plan 533.0 -> 514.3 MiB),
     while on steps without them it helps (bench_train_step's GPT: 42.03 MB with it, 52.99 without)."""
     settings = {"layout_optimization": False}
-    in_place = (torch.ops.sparsecc.swiglu_grad_gate_.default, torch.ops.sparsecc.swiglu_grad_up_.default)
     if hasattr(inductor_config, "reorder_for_peak_memory") and \
-            any(n.target in in_place for n in gm.graph.nodes if n.op == "call_function"):
+            any(n.target in swiglu.IN_PLACE_OPS for n in gm.graph.nodes if n.op == "call_function"):
         settings["reorder_for_peak_memory"] = False
     return inductor_config.patch(settings)
 
@@ -315,8 +314,8 @@ class TrainStep:
         return memory.liveness(gm, fused=inductor).peak
 
     def _run_passes(self, joint: fx.GraphModule, plan: Plan, peak, passes=None) -> tuple[fx.GraphModule, list, dict]:
-        """The training passes (default: the step's) on joint; under a memory budget, on copies of it at the least recomputation
-        whose peak(graph) fits (memory_budget.py), recorded as a "memory_budget" entry of the report."""
+        """The training passes (default: the step's) on joint; under a memory budget, on copies of it at the least
+        recomputation whose peak(graph) fits (memory_budget.py), recorded as a "memory_budget" entry of the report."""
         budget, passes = self.config.budget_bytes, passes or self._passes
         if budget is None:
             results, graphs = run_passes(joint, plan, passes)

@@ -92,14 +92,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e)
-    for name, argtypes in _SIGNATURES.items():
-        for sfx in _SUFFIX.values():
-            fn = getattr(lib, f"sparsecc_{name}_{sfx}")
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    for name, argtypes in _POINTWISE.items():
-        for sfx in _POINTWISE_SUFFIX.values():
-            fn = getattr(lib, f"sparsecc_{name}_{sfx}")
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    for table, suffixes in ((_SIGNATURES, _SUFFIX), (_POINTWISE, _POINTWISE_SUFFIX)):
+        for name, argtypes in table.items():
+            for sfx in suffixes.values():
+                fn = getattr(lib, f"sparsecc_{name}_{sfx}")
+                fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib, None
 
 

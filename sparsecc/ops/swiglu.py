@@ -82,3 +82,6 @@ def swiglu_grad_up_(g: torch.Tensor, gate: torch.Tensor) -> None:
 @swiglu_grad_up_.register_fake
 def _(g, gate):
     return None
+
+
+IN_PLACE_OPS = (torch.ops.sparsecc.swiglu_grad_gate_.default, torch.ops.sparsecc.swiglu_grad_up_.default)

@@ -91,7 +91,7 @@ class _Expressions:
                     if sub is None:
                         return None
                     leaves |= sub[0]
-                    interior |= set(sub[1])
+                    interior |= sub[1]
                 else:
                     leaves.add(arg)
             if len(leaves) <= 3 and len(interior) <= MAX_INTERIOR:

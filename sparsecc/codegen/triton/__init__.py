@@ -27,7 +27,7 @@ Launchers (same arguments as sparsecc.ops.native's CPU kernels where one exists)
     channels_weight_grad(g, x, idx_or_k, dim)        g^T @ x[:, idx] (dim="in") or g[:, idx]^T @ x (dim="out")
     sgd_rows(param, grad, rows, momentum_buffer, lr=, momentum=, weight_decay=, nesterov=)
     adamw_rows(param, grad, rows, exp_avg, exp_avg_sq, lr=, step=, betas=, eps=, weight_decay=)
-    swiglu_backward(out, g, gate, which)   the SwiGLU backward in place: "gate": up <- g*up*silu'(gate); "up": g <- g*silu(gate)
+    swiglu_backward(out, g, gate, which)             in place: "gate": up <- g*up*silu'(gate); "up": g <- g*silu(gate)
 Run them on CUDA/ROCm tensors, or on CPU tensors with TRITON_INTERPRET=1 set before the first kernel is generated.
 """
 from .aot import GPU_TARGETS, AOTError, aot_compile, compile_all
