@@ -11,9 +11,9 @@ steps by name, in the order given; the default runs those marked *, which fit on
 * llm_memory       benchmarks/bench_llm_memory.py --only gpu --rounds 3: the 0.74 B and 6.7 B sparse-update steps,
                    training memory against Inductor + freezing (issue 14's GPU goal)
   llm_budget       the same at 6.7 B only, with a sparsecc row under memory_budget= 88 % of its modelled peak
-                   (modelled on a CPU, scripts/model_gpu_plan.py: the default 0.37x of the GPT's 1,729 MiB Inductor
-                   + freezing since the SwiGLU backward is written in place, 0.42x before it, when the budget's floor
-                   was 0.36x; its search takes minutes: a command of its own, --steps env,llm_budget)
+                   (modelled on a CPU, scripts/model_gpu_plan.py: the default 0.35x of the GPT's 1,729 MiB Inductor
+                   + freezing since share_matmul_operands, 0.37x before it, 0.42x before the SwiGLU rewrite, when the
+                   budget's floor was 0.36x; its search takes minutes: a command of its own, --steps env,llm_budget)
 * kernels          every case of tests/test_triton_kernels.py on CUDA against its float64 reference and tolerance
                    (as /work/shared/gpu/kernels_on_gpu.py did), then the launchers at a model's sizes (4096 tokens:
                    the large tiles, tuning candidates and split-K choices the interpreter never runs) against fp32

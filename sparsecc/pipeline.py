@@ -14,6 +14,7 @@ from .passes.fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .passes.fuse_optimizer import fuse_optimizer
 from .passes.prune_backward import prune_backward
 from .passes.rematerialize import rematerialize
+from .passes.share_matmul_operands import share_matmul_operands
 from .passes.reorder_for_memory import reorder_for_memory
 from .passes.subtensor_grads import subtensor_grads
 from .passes.swiglu_backward_in_place import swiglu_backward_in_place
@@ -31,6 +32,7 @@ TRAIN_STEP_PASSES = PASSES + [
     fuse_optimizer,      # each update right after its gradient; gradients become new params + state
     swiglu_backward_in_place,  # a gated MLP's two backward gradients written into the inputs that die there
     reorder_for_memory,  # schedule the whole step for a lower peak of live bytes
+    share_matmul_operands,  # a value an mm reads through a reshape is one buffer for all its readers (Inductor)
 ]
 DATA_PARALLEL_STEP_PASSES = PASSES + [   # compile_train_step(..., process_group=...)
     rematerialize,
@@ -38,8 +40,10 @@ DATA_PARALLEL_STEP_PASSES = PASSES + [   # compile_train_step(..., process_group
     fuse_optimizer,
     swiglu_backward_in_place,
     reorder_for_memory,
+    share_matmul_operands,
 ]
-HOST_ONLY_PASSES = (swiglu_backward_in_place,)   # emit sparsecc:: ops even on the CPU path: not in portable graphs
+HOST_ONLY_PASSES = (swiglu_backward_in_place,   # sparsecc:: ops even on the CPU path,
+                    share_matmul_operands)     # for Inductor's lowering: not in portable graphs
 
 
 class PassVerificationError(RuntimeError):

@@ -16,6 +16,7 @@ for good, so it runs in a subprocess of its own:
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -132,7 +133,8 @@ def main(out: str) -> None:
                                               "torch.ops.sparsecc.linear_cross_entropy.default(")
                                  if code and s in code),
             "model": timeline and timeline.model, "peak": timeline and timeline.peak,
-            "final_live": timeline and timeline.live_bytes[-1], "returned": returned}
+            "final_live": timeline and timeline.live_bytes[-1], "returned": returned,
+            "float32_buffers": re.findall(r"empty_strided_cuda\(\(([\d, ]+)\),[^)]*\), torch\.float32\)", code or "")}
     Path(out).write_text(json.dumps(found))
 
 
