@@ -172,7 +172,8 @@ _LIST = re.compile(r"^(\w+) = \[([\w, ]*)\]$")                               # p
 
 def _returned(stmt: str) -> list[str] | None:
     """The names a `return` statement hands back: `return (buf3, )`, `return ()`, a result returned as a view of a
-    buffer (`reinterpret_tensor(buf34, (128, ), (1, ), 0)`: buf34); None for anything else."""
+    buffer (`reinterpret_tensor(buf34, (128, ), (1, ), 0)`: buf34), skipping `None` results (a backward's gradients
+    of frozen inputs); None for anything else."""
     try:
         value = ast.parse(stmt).body[0].value
     except (SyntaxError, IndexError, AttributeError):
@@ -180,6 +181,8 @@ def _returned(stmt: str) -> list[str] | None:
     items = value.elts if isinstance(value, ast.Tuple) else [value] if value is not None else []
     names = []
     for item in items:
+        if isinstance(item, ast.Constant) and item.value is None:
+            continue
         if isinstance(item, ast.Call) and getattr(item.func, "id", None) == "reinterpret_tensor" and item.args:
             item = item.args[0]
         if not isinstance(item, ast.Name):

@@ -293,7 +293,8 @@ def test_the_walker_follows_in_place_fallbacks_views_returned_and_partitions_ret
     (`aten.scatter_reduce_.two(buf2, ...)`) allocates nothing (an op whose result is dropped still gives no plan);
     a result returned as a view of a buffer (`return (reinterpret_tensor(buf2, ...), )`); a host buffer in pinned
     memory and a copy into a buffer (`buf2.copy_(buf1, True)`); a partition that returns nothing (`() = ...`),
-    whose locals all go when it returns."""
+    whose locals all go when it returns; a backward's `None` gradients of frozen inputs among its results (the
+    walker gave no plan for every backward of a sparse update through the backend until 2026-12-01)."""
     from sparsecc.inductor_memory import timeline
     inputs = [torch.randn(8, 16), torch.randn(8, 16)]
     scatter = "        aten.scatter_reduce_.two(buf2, 0, reinterpret_tensor(arg1_1, (8, 8), (16, 1), 0), buf1, " \
@@ -307,6 +308,8 @@ def test_the_walker_follows_in_place_fallbacks_views_returned_and_partitions_ret
     assert walked.live_bytes == [b + 8 * (i >= 2) for i, b in enumerate([512, 512, 512, 768, 768, 768, 512])]
     assert timeline(CUDA_WRAPPER.replace("        del buf1", "        aten.relu.default(buf1)\n        del buf1"),
                     inputs) is None
+    with_nones = timeline(CUDA_WRAPPER.replace("return (buf2, )", "return (None, buf2, None, )"), inputs)
+    assert with_nones is not None and with_nones.live_bytes == timeline(CUDA_WRAPPER, inputs).live_bytes
     nothing = PARTITIONED.replace("    return (buf3, )\n\n\nclass", "    return ()\n\n\nclass").replace(
         "(buf3,) = self.partitions[1]", "() = self.partitions[1]").replace(
         "        return (buf3, )", "        return ()")
