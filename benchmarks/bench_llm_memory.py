@@ -24,8 +24,10 @@ Section "gpu" (on a CUDA GPU; skipped without one, or with --quick a tiny model 
 scheme with the head frozen, as in that measurement (sparsecc 910 MiB vs Inductor + freezing 1,729 MiB at 6.7 B),
 AdamW: inductor-freeze against sparsecc, training memory = optimizer state + the peak a step allocates
 above what was live before it (torch.cuda.max_memory_allocated), step times with the GPU synchronised.
-SPARSECC_BENCH_BUDGET=0.88 adds a sparsecc row under memory_budget= 88 % of sparsecc's modelled step peak (its
-search lowers the step once per point it tries: minutes at 6.7 B); SPARSECC_BENCH_SIZES=6.7B picks configurations.
+SPARSECC_BENCH_BUDGET=0.9 adds a sparsecc row under memory_budget= 90 % of sparsecc's modelled step peak (its
+search lowers the step once per point it tries: minutes at 6.7 B); SPARSECC_BENCH_SIZES=6.7B picks configurations;
+SPARSECC_BENCH_LAYERS=4 keeps their widths with 4 layers (the sparse-update scheme's peaks do not depend on the depth)
+and runs them on the CPU too where there is no GPU (memory from the profiler's timeline there).
 
 usage: python benchmarks/bench_llm_memory.py [--rounds 5] [--quick] [--only sparse-update|full|gpu]
 """
@@ -124,17 +126,21 @@ def main():
 
 
 def gpu_section(quick: bool, rounds: int) -> None:
-    if not torch.cuda.is_available() and not quick:
+    layers = os.environ.get("SPARSECC_BENCH_LAYERS")   # the configurations' widths at this depth (on a CPU too)
+    if not torch.cuda.is_available() and not quick and not layers:
         print("no CUDA GPU here: the 0.74 B and 6.7 B configurations need one (--quick smoke-tests this section on "
-              "the CPU)")
+              "the CPU; SPARSECC_BENCH_LAYERS=4 runs their widths with 4 layers here)")
         return
+    for size, config in GPU_CONFIGS.items():
+        GPU_CONFIGS[size] = (int(layers), *config[1:]) if layers else config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = os.environ.get("SPARSECC_BENCH_SIZES", ",".join(GPU_CONFIGS)).split(",")
     budget = os.environ.get("SPARSECC_BENCH_BUDGET")    # a fraction of sparsecc's modelled step peak: one more row
     for size in ["tiny"] if quick else sizes:
         model, x, scheme = case(quick, None if quick else size, device, torch.bfloat16, train_head=False)
         params = sum(p.numel() for p in model.parameters())
-        print(f"{size}: {params / 1e9:.2f} B parameters, bfloat16, {x.shape[0]}x{x.shape[1]} tokens, {device}",
+        print(f"{size}: {params / 1e9:.2f} B parameters, bfloat16, {x.shape[0]}x{x.shape[1]} tokens, {device}"
+              + (f", {layers} layers" if layers and not quick else ""),
               flush=True)
         steps = {}
         m = copy.deepcopy(model)
