@@ -52,6 +52,13 @@ from sparsecc.memory import measure_peak
 GPU_CONFIGS = {"6.7B": (32, 4096, 11008, 32, 32), "0.74B": (12, 2048, 5504, 16, 16)}
 
 
+def set_depth(layers: int) -> None:
+    """Every GPU configuration with `layers` layers, its widths kept (the sparse-update scheme's peak does not depend
+    on the depth: the frozen blocks below the trained ones keep nothing for the backward)."""
+    for size, config in GPU_CONFIGS.items():
+        GPU_CONFIGS[size] = (layers, *config[1:])
+
+
 def case(quick: bool, size=None, device="cpu", dtype=torch.float32, train_head=True):
     """(model, token ids, scheme): the CPU benchmark's Llama, a tiny one (quick), or a GPU_CONFIGS size; train_head:
     the scheme trains lm_head too."""
@@ -131,8 +138,8 @@ def gpu_section(quick: bool, rounds: int) -> None:
         print("no CUDA GPU here: the 0.74 B and 6.7 B configurations need one (--quick smoke-tests this section on "
               "the CPU; SPARSECC_BENCH_LAYERS=4 runs their widths with 4 layers here)")
         return
-    for size, config in GPU_CONFIGS.items():
-        GPU_CONFIGS[size] = (int(layers), *config[1:]) if layers else config
+    if layers:
+        set_depth(int(layers))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = os.environ.get("SPARSECC_BENCH_SIZES", ",".join(GPU_CONFIGS)).split(",")
     budget = os.environ.get("SPARSECC_BENCH_BUDGET")    # a fraction of sparsecc's modelled step peak: one more row

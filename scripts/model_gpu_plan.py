@@ -38,7 +38,7 @@ class _Captured(Exception):
 def step_graph(size: str, layers: int | None, budget: str | None):
     """(final graph, its inputs, the trained parameters' AdamW state bytes) of the benchmark's GPU step."""
     if layers:
-        bench.GPU_CONFIGS[size] = (layers, *bench.GPU_CONFIGS[size][1:])
+        bench.set_depth(layers)
     model, x, scheme = bench.case(size == "quick", None if size == "quick" else size, "meta", torch.bfloat16,
                                   train_head=False)
     model = model.to_empty(device="cpu")          # traced on the CPU: attention as a fused kernel, as on a GPU

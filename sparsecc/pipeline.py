@@ -14,8 +14,8 @@ from .passes.fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .passes.fuse_optimizer import fuse_optimizer
 from .passes.prune_backward import prune_backward
 from .passes.rematerialize import rematerialize
-from .passes.share_matmul_operands import share_matmul_operands
 from .passes.reorder_for_memory import reorder_for_memory
+from .passes.share_matmul_operands import share_matmul_operands
 from .passes.subtensor_grads import subtensor_grads
 from .passes.swiglu_backward_in_place import swiglu_backward_in_place
 from .report import Report, register
